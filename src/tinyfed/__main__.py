@@ -1,0 +1,3 @@
+from tinyfed.cli import main
+
+raise SystemExit(main())

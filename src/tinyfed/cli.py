@@ -1,0 +1,54 @@
+"""`tinyfed` command line: one subcommand per module in tinyfed.commands.
+
+A user's mistake (TinyfedError) prints one line and exits 2; there is no traceback for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tinyfed import __version__
+from tinyfed.errors import TinyfedError
+
+COMMANDS = ("run", "serve", "client", "tokens", "eval", "plot", "bandwidth", "dashboard")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a one-line error (it already exits 2; keep it short)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tinyfed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tinyfed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tinyfed.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"tinyfed.commands.{name}":
+                continue  # a command not built into this install
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except TinyfedError as exc:
+        print(f"tinyfed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinyfed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

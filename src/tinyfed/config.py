@@ -1,0 +1,155 @@
+"""One validated experiment config: defaults < TOML file < --set overrides < CLI flags.
+
+Flat on purpose: every key is also a `--flag` and a `--set key=value`, and the TOML written to a
+run folder reads back into the same object.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tinyfed.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUILTIN_MODELS = ("mlp", "mlp128", "cnn", "cifar_cnn")
+
+
+class Config(BaseModel):
+    """Everything that defines a run. Unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: Literal["fmnist", "mnist", "cifar10", "synthetic"] = "fmnist"
+    data_dir: str | None = None
+    synthetic_size: int = Field(3000, ge=100, le=1_000_000)
+    partition: Literal["iid", "shards", "dirichlet", "ranges", "classes"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    min_partition_size: int = Field(10, ge=1)
+    range_size: int | None = Field(None, ge=1)
+    # model and local training
+    model: str = "mlp"
+    clients: int = Field(10, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(10, ge=0, description="0 = the whole shard (FedSGD)")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier per round")
+    # server
+    strategy: str = "fedavg"
+    rounds: int = Field(5, ge=1)
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+    deterministic: bool = False
+    min_clients: int = Field(1, ge=1)
+    round_timeout: float = Field(600.0, gt=0, description="seconds before a round's stragglers are dropped")
+    round_retries: int = Field(2, ge=0, description="retries of a round that fell below min_clients")
+    # transport
+    runtime: Literal["inprocess", "processes", "http", "ray"] = "inprocess"
+    workers: int | None = Field(None, ge=1)
+    respawn: bool = True
+    codec: str = ""
+    down_codec: str = ""
+    max_frame_mb: float = Field(256.0, gt=0)
+    # output
+    out: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if value in BUILTIN_MODELS or (":" in value and all(value.split(":", 1))):
+            return value
+        raise ValueError(f"must be one of {', '.join(BUILTIN_MODELS)} or 'package.module:factory'")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.min_clients > self.clients:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) exceeds clients ({self.clients})"
+            )
+        if self.model == "cifar_cnn" and self.dataset not in ("cifar10",):
+            raise ValueError("model cifar_cnn needs dataset cifar10 (3×32×32 images)")
+        if self.dataset == "cifar10" and self.model in ("mlp", "mlp128", "cnn"):
+            raise ValueError(f"model {self.model} takes 1×28×28 images; use cifar_cnn for cifar10")
+        return self
+
+    @property
+    def clients_per_round(self) -> int:
+        """max(1, round(C·K)): a join ratio that rounds to zero still trains one client."""
+        return max(1, round(self.fraction * self.clients))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({k: v for k, v in self.model_dump().items() if v is not None})
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(Config.model_fields))
+        return f"unknown config key {field!r}; allowed keys: {allowed}"
+    if err["loc"]:
+        return f"config field {field!r} = {err.get('input')!r}: {msg}"
+    return f"config: {msg}"
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Validate a dict into a Config, turning pydantic's report into one clear line."""
+    try:
+        return Config.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; the value is read as TOML (3, 0.1, true, "text"), else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    values: dict[str, Any] = read_toml(path) if path else {}
+    values.update(overrides or {})
+    return build_config(values)

@@ -1,0 +1,17 @@
+"""Data sets (find, verify, download, synthetic) and how they are split among clients."""
+
+from tinyfed.data.dataset import DATASETS, NORMALIZATION, Dataset
+from tinyfed.data.partition import PARTITIONS, label_histogram, partition
+from tinyfed.data.sources import cache_dir, find_dataset_files, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "NORMALIZATION",
+    "PARTITIONS",
+    "Dataset",
+    "cache_dir",
+    "find_dataset_files",
+    "label_histogram",
+    "load_dataset",
+    "partition",
+]

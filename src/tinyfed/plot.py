@@ -1,0 +1,47 @@
+"""Figures from metrics records: accuracy and loss per round, accuracy against bytes moved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tinyfed.metrics import Record  # noqa: E402
+
+
+def _series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["round"], r[key]) for r in records
+           if r.get("kind", "round") == "round" and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(runs: dict[str, list[Record]], out: str | Path) -> Path:
+    """One figure, three panels; several runs overlay for comparison."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax_acc, ax_loss, ax_bytes = axes
+    for label, records in runs.items():
+        x, acc = _series(records, "test_accuracy")
+        ax_acc.plot(x, [100 * a for a in acc], marker="o", ms=3, label=label)
+        x, loss = _series(records, "test_loss")
+        ax_loss.plot(x, loss, marker="o", ms=3, label=f"{label} test")
+        x, tl = _series(records, "train_loss")
+        ax_loss.plot(x, tl, ls="--", label=f"{label} train")
+        pts = [((r["cum_bytes_down"] + r["cum_bytes_up"]) / 1e6, 100 * r["test_accuracy"])
+               for r in records if r.get("kind", "round") == "round"
+               and r.get("test_accuracy") is not None]
+        ax_bytes.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+    ax_acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy (%)")
+    ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
+    ax_bytes.set(title="Accuracy against traffic", xlabel="cumulative bytes, down + up (MB)",
+                 ylabel="accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,191 @@
+"""The messages of one client task: task frames out, update frames back, and their checks.
+
+`ClientWorker` is the client side every runtime runs (in the server process, in a child
+process, on a remote device); `read_update` is the server side that admits an update only
+after every check passes.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinyfed import wire
+from tinyfed.client import Shard, TrainSettings, train
+from tinyfed.compress import parse_pipeline
+from tinyfed.errors import WireError
+from tinyfed.models import build_model, state_of
+from tinyfed.wire import Kind, Tensors, TensorSpec
+
+MAX_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client, one job: which round, which seed, which settings, which codecs."""
+
+    client_id: int
+    round: int
+    seed: int
+    settings: TrainSettings
+    codec: str = ""
+    version: int = 0  # version of the global weights the task carries (async staleness)
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "round": self.round,
+            "seed": self.seed,
+            "settings": self.settings.to_dict(),
+            "codec": self.codec,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> ClientTask:
+        try:
+            return cls(
+                client_id=wire.header_int(h, "client_id", 0, MAX_ID),
+                round=wire.header_int(h, "round", 0, 2**62),
+                seed=wire.header_int(h, "seed", 0, 2**63),
+                settings=TrainSettings(**h["settings"]),
+                codec=str(h.get("codec", "")),
+                version=wire.header_int(h, "version", 0, 2**62),
+            )
+        except (KeyError, TypeError) as exc:
+            raise WireError(f"task header is malformed: {exc}") from None
+
+
+@dataclass
+class ClientResult:
+    """An update (decoded, validated) or a failure with its reason; always with bytes moved."""
+
+    client_id: int
+    round: int
+    ok: bool
+    weights: Tensors | None = None
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    bytes_down: int = 0
+    bytes_up: int = 0
+    version: int = 0
+
+    @classmethod
+    def failure(cls, task: ClientTask, reason: str, bytes_down: int = 0, bytes_up: int = 0):
+        return cls(task.client_id, task.round, False, reason=reason, bytes_down=bytes_down,
+                   bytes_up=bytes_up, version=task.version)
+
+
+def task_frame(task: ClientTask, weights_payload: bytes) -> bytes:
+    return wire.encode_frame(Kind.TASK, task.header(), weights_payload)
+
+
+ShardSource = Callable[[int], Shard]
+
+
+class ClientWorker:
+    """Client side of a task: load global weights, train, encode the update as a frame.
+
+    Holds one model (reused across tasks) and each client's codec state (error feedback),
+    so the same object serves one client id or many in turn.
+    """
+
+    def __init__(self, model_name: str, input_shape, num_classes: int, shards: ShardSource,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME):
+        self.model = build_model(model_name, tuple(input_shape), num_classes, seed=0)
+        self.spec = wire.spec_of(state_of(self.model))
+        self.shards = shards
+        self.max_frame = max_frame
+        self.codec_state: dict[int, dict] = {}
+        self._shard_cache: dict[int, Shard] = {}
+
+    def shard(self, client_id: int) -> Shard:
+        if client_id not in self._shard_cache:
+            self._shard_cache[client_id] = self.shards(client_id)
+        return self._shard_cache[client_id]
+
+    def handle(self, frame: bytes) -> bytes:
+        """Task frame in, update (or failure) frame out. Never raises for a bad task."""
+        try:
+            msg = wire.decode_frame(frame, self.max_frame)
+            if msg.kind != Kind.TASK:
+                raise WireError(f"expected a task frame, got {msg.kind.name}")
+            task = ClientTask.from_header(msg.header)
+        except WireError as exc:
+            return wire.encode_frame(Kind.FAILURE, {"reason": f"bad task: {exc}"})
+        try:
+            return self.run(task, msg.tensors)
+        except Exception as exc:  # a client's crash is its round's failure, not the server's
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            return wire.encode_frame(
+                Kind.FAILURE,
+                {"client_id": task.client_id, "round": task.round, "reason": f"client error: {last}"},
+            )
+
+    def run(self, task: ClientTask, global_weights: Tensors) -> bytes:
+        wire.validate_tensors(global_weights, self.spec, "global model")
+        self.model.load_state_dict(global_weights)
+        metrics = train(self.model, self.shard(task.client_id), task.settings, task.seed)
+        local = state_of(self.model)
+        state = self.codec_state.setdefault(task.client_id, {})
+        encoded = parse_pipeline(task.codec, WireError).encode(local, global_weights, state)
+        header = {
+            "client_id": task.client_id,
+            "round": task.round,
+            "version": task.version,
+            "num_examples": len(self.shard(task.client_id)),
+            "codec": task.codec,
+            "metrics": metrics,
+        }
+        return wire.encode_frame(Kind.UPDATE, header, wire.encode_tensors(encoded))
+
+
+@dataclass
+class Expectation:
+    """What the server will accept as the answer to one task."""
+
+    task: ClientTask
+    reference: Tensors
+    spec: dict[str, TensorSpec]
+    max_examples: int
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+
+
+def check_update(frame: bytes, exp: Expectation) -> ClientResult:
+    """Decode and validate an update frame; raise WireError for anything not admissible."""
+    msg = wire.decode_frame(frame, exp.max_frame)
+    if msg.kind == Kind.FAILURE:
+        reason = str(msg.header.get("reason", "client reported failure"))[:500]
+        return ClientResult.failure(exp.task, reason, bytes_up=len(frame))
+    if msg.kind != Kind.UPDATE:
+        raise WireError(f"expected an update frame, got {msg.kind.name}")
+    h = msg.header
+    cid = wire.header_int(h, "client_id", 0, MAX_ID)
+    if cid != exp.task.client_id:
+        raise WireError(f"update is for client {cid}; expected client {exp.task.client_id}")
+    rnd = wire.header_int(h, "round", 0, 2**62)
+    if rnd != exp.task.round:
+        raise WireError(f"update is for round {rnd}; expected round {exp.task.round}")
+    n = wire.header_int(h, "num_examples", 1, exp.max_examples)
+    codec = h.get("codec", "")
+    if not isinstance(codec, str):
+        raise WireError("header field 'codec' must be a string")
+    decoded = parse_pipeline(codec, WireError).decode(msg.tensors, exp.reference)
+    wire.validate_tensors(decoded, exp.spec)
+    metrics = h.get("metrics", {})
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))} if isinstance(
+        metrics, dict) else {}
+    return ClientResult(cid, rnd, True, decoded, n, metrics, bytes_up=len(frame),
+                        version=exp.task.version)
+
+
+def read_update(frame: bytes, exp: Expectation) -> ClientResult:
+    """`check_update`, with a rejection turned into a failure result (the run goes on)."""
+    try:
+        return check_update(frame, exp)
+    except WireError as exc:
+        return ClientResult.failure(exp.task, f"rejected update: {exc}", bytes_up=len(frame))
+

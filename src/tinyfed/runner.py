@@ -1,0 +1,139 @@
+"""Wires one run together: run folder, experiment, runtime, strategy, sinks, server loop, outputs.
+
+`tinyfed run` and `tinyfed serve` both go through here, so a run folder looks the same
+whichever transport produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import torch
+
+from tinyfed.checkpoint import save_weights
+from tinyfed.config import Config
+from tinyfed.experiment import Experiment
+from tinyfed.metrics import EventBus, JsonlSink, Record, human_bytes, rounds_to_target
+from tinyfed.plot import plot_runs
+from tinyfed.progress import Progress
+from tinyfed.runtimes import make_runtime
+from tinyfed.rundir import RunDir
+from tinyfed.server import RunState, Server
+from tinyfed.strategies import make_strategy
+from tinyfed.wire import encode_tensors
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    state: RunState
+    experiment: Experiment
+    stop_reason: str
+
+
+def configure_threads(config: Config) -> None:
+    """One torch thread per client when results must be bit-identical across runtimes."""
+    if config.deterministic:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+
+
+def open_run(config: Config, resume: str | None, overrides: dict[str, Any]) -> tuple[RunDir, Config]:
+    if resume:
+        run_dir = RunDir(resume)
+        return run_dir, run_dir.resume_config(overrides)
+    run_dir = RunDir.create(config)
+    return run_dir, run_dir.saved_config()
+
+
+def restore(server: Server, run_dir: RunDir, sink: JsonlSink) -> None:
+    """Continue from the newest checkpoint; metrics after it are dropped, then redone."""
+    found = run_dir.latest()
+    if found is None:
+        sink.rewrite([])
+        return
+    weights, data = found
+    state = RunState.from_json(weights, data)
+    server.resume_from(state)
+    sink.rewrite(state.records)
+
+
+def execute(
+    config: Config,
+    run_dir: RunDir,
+    resuming: bool = False,
+    stream: TextIO | None = None,
+    live: bool | None = None,
+    subscribers: list[Callable[[Record], None]] = (),
+    bus: EventBus | None = None,
+) -> RunResult:
+    """Run (or continue) the experiment in `run_dir` to its end and write every output."""
+    configure_threads(config)
+    experiment = Experiment.build(config)
+    run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
+    bus = bus or EventBus()
+    sink = JsonlSink(run_dir.metrics)
+    runtime = make_runtime(config.runtime, config)
+    server = Server(experiment, runtime, make_strategy(config), bus, run_dir.checkpoints)
+    if resuming:
+        restore(server, run_dir, sink)
+    else:
+        sink.rewrite([])
+    for record in server.state.records:
+        bus.history.append(record)
+    bus.subscribe(sink)
+    for sub in subscribers:
+        bus.subscribe(sub)
+    title = (f"tinyfed · {config.dataset} · {config.model} · K={config.clients} "
+             f"C={config.fraction} E={config.epochs} B={config.batch_size} · {config.runtime}")
+    progress = Progress(title, stream, live)
+    bus.subscribe(progress)
+    try:
+        with progress:
+            runtime.start(experiment)
+            server.run()
+    finally:
+        runtime.close()
+    save_weights(run_dir.model, server.state.weights)
+    plot_runs({run_dir.path.name: server.state.records}, run_dir.plot)
+    return RunResult(run_dir, server.state, experiment, server.stop_reason)
+
+
+def summary(result: RunResult) -> str:
+    """A readable report: accuracy, rounds, measured traffic beside the W·C·R estimate."""
+    cfg = result.experiment.config
+    st = result.state
+    records = [r for r in st.records if r.get("kind", "round") == "round"]
+    evaluated = [r for r in records if r.get("test_accuracy") is not None]
+    last = evaluated[-1] if evaluated else None
+    w = len(encode_tensors(result.experiment.initial))
+    rounds = len(records)
+    estimate = w * cfg.clients_per_round * rounds
+    measured_total = st.cum_bytes_down + st.cum_bytes_up
+    lines = [
+        f"run folder       {result.run_dir.path}",
+        f"stopped          {result.stop_reason} after round {st.round} of {cfg.rounds}",
+    ]
+    if last:
+        lines.append(f"test accuracy    {100 * last['test_accuracy']:.2f}%  "
+                     f"(loss {last['test_loss']:.4f}, round {last['round']})")
+    if cfg.target_accuracy is not None:
+        rt = rounds_to_target(records, cfg.target_accuracy)
+        reached = f"{rt:.1f}" if rt is not None else "not reached"
+        lines.append(f"rounds to {100 * cfg.target_accuracy:.1f}%   {reached}")
+    failed = sum(r["clients_failed"] for r in records)
+    lines += [
+        f"clients          {sum(r['clients_succeeded'] for r in records)} updates merged, "
+        f"{failed} failed",
+        f"traffic measured down {human_bytes(st.cum_bytes_down)}, up {human_bytes(st.cum_bytes_up)}, "
+        f"total {human_bytes(measured_total)}",
+        f"traffic estimate W·C·R = {human_bytes(w)} × {cfg.clients_per_round} × {rounds} = "
+        f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total",
+        f"wall time        {st.elapsed:.1f} s in rounds",
+        f"outputs          {result.run_dir.metrics.name}, {result.run_dir.plot.name}, "
+        f"{result.run_dir.model.name}, checkpoints/",
+    ]
+    return "\n".join(lines)
+

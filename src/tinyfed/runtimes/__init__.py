@@ -1,0 +1,21 @@
+"""Runtimes by name; each is imported only when chosen, so optional extras stay optional."""
+
+from __future__ import annotations
+
+import importlib
+
+from tinyfed.errors import ConfigError
+from tinyfed.runtimes.base import Runtime
+
+RUNTIMES: dict[str, str] = {
+    "inprocess": "tinyfed.runtimes.inprocess:InProcessRuntime",
+}
+
+
+def make_runtime(name: str, config) -> Runtime:
+    target = RUNTIMES.get(name)
+    if target is None:
+        raise ConfigError(f"unknown runtime {name!r}; allowed: {', '.join(sorted(RUNTIMES))}")
+    module, _, cls = target.partition(":")
+    factory = getattr(importlib.import_module(module), cls)
+    return factory(config)

@@ -1,0 +1,32 @@
+"""The runtime seam: run client tasks against global weights, hand back results as they finish.
+
+In-process, pipes, HTTP and Ray implement this one interface and carry the same frames, so
+bytes are measured the same way everywhere. No runtime knows whether it serves synchronous
+rounds or asynchronous merging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from tinyfed.experiment import Experiment
+from tinyfed.protocol import ClientResult, ClientTask, Expectation
+
+
+class Runtime(Protocol):
+    def start(self, experiment: Experiment) -> None:
+        """Spawn children / connect / start actors."""
+
+    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
+        """Queue one client's job (non-blocking). `weights_payload` is safetensors, encoded once."""
+
+    def results(self, timeout: float) -> Iterator[ClientResult]:
+        """Yield results (updates or failures) as they finish, until none is pending or the
+        timeout passes; tasks still pending at the timeout are yielded as failures."""
+
+    def pending(self) -> int:
+        """How many submitted tasks have not produced a result yet."""
+
+    def close(self) -> None:
+        """Reap everything the runtime started."""

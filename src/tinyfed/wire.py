@@ -1,0 +1,159 @@
+"""The one wire format: a checked frame around a JSON header and a safetensors payload.
+
+Every runtime moves these bytes, so traffic is measured the same way everywhere. Nothing in a
+frame is trusted until `decode_frame` and `validate_tensors` say so; pickle is never used.
+
+Frame layout (little-endian)::
+
+    magic  b"TFED"   4 B
+    version u8       1 B
+    kind    u8       1 B
+    reserved         2 B
+    header_len u32   4 B   JSON header, UTF-8
+    payload_len u64  8 B   safetensors bytes (may be 0)
+    crc32  u32       4 B   of header + payload
+    header, payload
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tinyfed.errors import WireError
+
+MAGIC = b"TFED"
+VERSION = 1
+PREFIX = struct.Struct("<4sBBxxIQI")
+PREFIX_SIZE = PREFIX.size  # 24 bytes
+MAX_HEADER = 1 << 20
+DEFAULT_MAX_FRAME = 256 << 20
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries."""
+
+    TASK = 1  # server -> client: global weights + the round's settings
+    UPDATE = 2  # client -> server: trained weights (or encoded delta) + count + metrics
+    FAILURE = 3  # client -> server: the task failed, with a reason
+    SHUTDOWN = 4  # server -> client: exit cleanly
+    MODEL = 5  # a global model on its own (HTTP GET /v1/model)
+
+
+@dataclass
+class Message:
+    kind: Kind
+    header: dict[str, Any]
+    tensors: Tensors = field(default_factory=dict)
+    size: int = 0  # bytes of the whole frame as received
+
+
+def encode_tensors(tensors: Tensors) -> bytes:
+    """Serialize named tensors as safetensors (contiguous CPU copies, names sorted)."""
+    if not tensors:
+        return b""
+    return st_save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
+
+
+def encode_frame(kind: Kind, header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """Build one frame; `payload` is already-encoded safetensors so a round encodes it once."""
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    if len(head) > MAX_HEADER:
+        raise WireError(f"frame header is {len(head)} bytes; at most {MAX_HEADER} allowed")
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return PREFIX.pack(MAGIC, VERSION, int(kind), len(head), len(payload), crc) + head + payload
+
+
+def frame_length(prefix: bytes, max_size: int = DEFAULT_MAX_FRAME) -> int:
+    """Total frame size announced by a 24-byte prefix; lets stream readers read exactly that."""
+    if len(prefix) != PREFIX_SIZE:
+        raise WireError(f"frame prefix is {len(prefix)} bytes; {PREFIX_SIZE} required")
+    magic, version, kind, head_len, payload_len, _ = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise WireError(f"not a tinyfed frame (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise WireError(f"frame version {version} not supported (this build speaks {VERSION})")
+    if kind not in Kind._value2member_map_:
+        raise WireError(f"unknown frame kind {kind}; allowed {[int(k) for k in Kind]}")
+    if head_len > MAX_HEADER:
+        raise WireError(f"frame header of {head_len} bytes exceeds {MAX_HEADER}")
+    total = PREFIX_SIZE + head_len + payload_len
+    if total > max_size:
+        raise WireError(f"frame of {total} bytes exceeds the limit of {max_size} bytes")
+    return total
+
+
+def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
+    """Parse and check a whole frame: size, magic, version, kind, checksum, header, payload."""
+    if len(data) < PREFIX_SIZE:
+        raise WireError(f"truncated frame: {len(data)} bytes, prefix needs {PREFIX_SIZE}")
+    total = frame_length(bytes(data[:PREFIX_SIZE]), max_size)
+    if len(data) != total:
+        raise WireError(f"frame length mismatch: announced {total} bytes, got {len(data)}")
+    _, _, kind, head_len, _, crc = PREFIX.unpack(data[:PREFIX_SIZE])
+    head = bytes(data[PREFIX_SIZE : PREFIX_SIZE + head_len])
+    payload = bytes(data[PREFIX_SIZE + head_len :])
+    if zlib.crc32(payload, zlib.crc32(head)) != crc:
+        raise WireError("frame checksum mismatch: the message was corrupted in transit")
+    try:
+        header = json.loads(head.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    tensors: Tensors = {}
+    if payload:
+        try:
+            tensors = st_load(payload)
+        except Exception as exc:  # safetensors raises its own error types
+            raise WireError(f"frame payload is not valid safetensors: {exc}") from None
+    return Message(Kind(kind), header, tensors, total)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def spec_of(tensors: Tensors) -> dict[str, TensorSpec]:
+    """The names, shapes and dtypes an update must match."""
+    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def validate_tensors(tensors: Tensors, spec: dict[str, TensorSpec], what: str = "update") -> None:
+    """Reject unknown or missing names, wrong shapes or dtypes, and non-finite values."""
+    unknown = sorted(set(tensors) - set(spec))
+    if unknown:
+        raise WireError(f"{what} has unknown tensors {unknown[:5]}; expected {sorted(spec)[:5]}…")
+    missing = sorted(set(spec) - set(tensors))
+    if missing:
+        raise WireError(f"{what} is missing tensors {missing[:5]}")
+    for name, want in spec.items():
+        got = tensors[name]
+        if tuple(got.shape) != want.shape:
+            raise WireError(
+                f"{what} tensor {name!r} has shape {tuple(got.shape)}; expected {want.shape}"
+            )
+        if got.dtype != want.dtype:
+            raise WireError(f"{what} tensor {name!r} has dtype {got.dtype}; expected {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise WireError(f"{what} tensor {name!r} has non-finite values (NaN or Inf)")
+
+
+def header_int(header: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """Read an integer header field and check its range (JSON gives any type)."""
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise WireError(f"header field {key!r} = {value!r}; an integer in [{lo}, {hi}] required")
+    return value

@@ -1,0 +1,97 @@
+import struct
+import zlib
+
+import pytest
+import torch
+
+from tinyfed import wire
+from tinyfed.errors import WireError
+from tinyfed.wire import Kind
+
+
+def tensors():
+    return {"a.weight": torch.randn(3, 4), "a.bias": torch.arange(3, dtype=torch.float32)}
+
+
+def test_round_trip_is_exact():
+    t = tensors()
+    frame = wire.encode_frame(Kind.UPDATE, {"client_id": 1, "x": [1, 2]}, wire.encode_tensors(t))
+    msg = wire.decode_frame(frame)
+    assert msg.kind == Kind.UPDATE and msg.header == {"client_id": 1, "x": [1, 2]}
+    assert msg.size == len(frame)
+    for k, v in t.items():
+        assert torch.equal(msg.tensors[k], v)
+
+
+def test_frame_size_is_prefix_header_payload():
+    payload = wire.encode_tensors(tensors())
+    frame = wire.encode_frame(Kind.TASK, {}, payload)
+    assert len(frame) == wire.PREFIX_SIZE + len(b"{}") + len(payload)
+    assert wire.frame_length(frame[: wire.PREFIX_SIZE]) == len(frame)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: b"XXXX" + f[4:], "magic"),
+        (lambda f: f[:4] + bytes([9]) + f[5:], "version"),
+        (lambda f: f[:5] + bytes([77]) + f[6:], "kind"),
+        (lambda f: f[:-1], "length"),
+        (lambda f: f[:-1] + bytes([f[-1] ^ 0xFF]), "checksum"),
+        (lambda f: f[:10], "truncated"),
+    ],
+)
+def test_corrupt_frames_are_rejected(mutate, message):
+    frame = wire.encode_frame(Kind.UPDATE, {"a": 1}, wire.encode_tensors(tensors()))
+    with pytest.raises(WireError, match=message):
+        wire.decode_frame(mutate(frame))
+
+
+def test_oversized_frame_rejected_from_prefix_alone():
+    frame = wire.encode_frame(Kind.UPDATE, {}, wire.encode_tensors(tensors()))
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.frame_length(frame[: wire.PREFIX_SIZE], max_size=100)
+
+
+def test_garbage_payload_with_valid_crc_is_rejected():
+    head, payload = b"{}", b"not safetensors at all"
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    frame = wire.PREFIX.pack(wire.MAGIC, 1, int(Kind.UPDATE), 2, len(payload), crc) + head + payload
+    with pytest.raises(WireError, match="safetensors"):
+        wire.decode_frame(frame)
+
+
+def test_header_must_be_object():
+    head, payload = b"[1]", b""
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    frame = struct.pack("<4sBBxxIQI", wire.MAGIC, 1, 2, 3, 0, crc) + head
+    with pytest.raises(WireError, match="JSON object"):
+        wire.decode_frame(frame)
+
+
+def test_validate_tensors_catches_every_mismatch():
+    spec = wire.spec_of(tensors())
+    good = tensors()
+    wire.validate_tensors(good, spec)
+    with pytest.raises(WireError, match="unknown"):
+        wire.validate_tensors({**good, "evil": torch.zeros(1)}, spec)
+    with pytest.raises(WireError, match="missing"):
+        wire.validate_tensors({"a.weight": good["a.weight"]}, spec)
+    with pytest.raises(WireError, match="shape"):
+        wire.validate_tensors({**good, "a.bias": torch.zeros(4)}, spec)
+    with pytest.raises(WireError, match="dtype"):
+        wire.validate_tensors({**good, "a.bias": torch.zeros(3, dtype=torch.float64)}, spec)
+    bad = good["a.weight"].clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(WireError, match="non-finite"):
+        wire.validate_tensors({**good, "a.weight": bad}, spec)
+    bad[1, 1] = float("inf")
+    with pytest.raises(WireError, match="non-finite"):
+        wire.validate_tensors({**good, "a.weight": bad}, spec)
+
+
+def test_header_int_range():
+    assert wire.header_int({"n": 5}, "n", 1, 10) == 5
+    for bad in (0, 11, "5", 5.0, True, None):
+        with pytest.raises(WireError, match="'n'"):
+            wire.header_int({"n": bad}, "n", 1, 10)
