@@ -1,19 +1,32 @@
 """Update codecs between a client's weights and the wire: encode/decode pairs that compose.
 
-A pipeline spec such as ``delta`` is recorded in the frame header, so the receiver decodes
-without being told out of band. Decoding validates like any other input.
+A pipeline spec such as ``delta+topk:0.01+int8`` is recorded in the frame header, so the
+receiver decodes without being told out of band. Each codec turns named tensors into named
+tensors (``name::idx``/``name::val`` for top-k, ``name::q``/``name::scale``/``name::zero`` for
+int8), so everything still travels as safetensors. Decoding validates like any other input:
+a part missing, of the wrong dtype or length, an index out of range or repeated, a non-finite
+scale raise `WireError` and the update is rejected.
+
+Order is fixed: ``[delta] [topk:F] [fp16 | int8[:channel]]``, each at most once. top-k needs
+delta before it (sparsifying weights would zero most of the model); the downlink allows only
+fp16 and int8 (delta and top-k need a previous model both ends share, which a client picked at
+random does not have).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load as st_load
 
 from tinyfed.errors import ConfigError, WireError
+from tinyfed.wire import encode_tensors
 
 Tensors = dict[str, torch.Tensor]
+SEP = "::"
 
 
 @dataclass
@@ -30,6 +43,32 @@ class Codec(Protocol):
     def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors: ...
 
     def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors: ...
+
+
+def _parts(tensors: Tensors, codec: str, suffixes: tuple[str, ...]) -> tuple[dict, Tensors]:
+    """Group this codec's `base::part` tensors by base; the rest pass through (an earlier
+    codec's parts, integer buffers; a name nothing claims fails the final name check)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    plain: Tensors = {}
+    for key, value in tensors.items():
+        base, sep, suffix = key.rpartition(SEP)
+        if not sep or suffix not in suffixes:
+            plain[key] = value
+            continue
+        groups.setdefault(base, {})[suffix] = value
+    for base, got in groups.items():
+        missing = [s for s in suffixes if s not in got]
+        if missing:
+            raise WireError(f"{codec} codec: tensor {base!r} is missing part(s) {missing}")
+        if base in plain:
+            raise WireError(f"{codec} codec: tensor {base!r} is sent both encoded and plain")
+    return groups, plain
+
+
+def _reject_plain_floats(plain: Tensors, codec: str) -> None:
+    for key, value in plain.items():
+        if value.is_floating_point() and value.numel():
+            raise WireError(f"{codec} codec: float tensor {key!r} was not encoded")
 
 
 class Delta:
@@ -55,7 +94,196 @@ class Delta:
         return out
 
 
-CODECS: dict[str, Any] = {"delta": lambda arg: Delta()}
+class Fp16:
+    """Every float tensor as IEEE half: 2 bytes an element, relative error ≤ 2⁻¹¹."""
+
+    spec = "fp16"
+    LIMIT = 65504.0
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        out = {}
+        for k, v in tensors.items():
+            if v.is_floating_point():
+                if v.numel() and float(v.abs().max()) > self.LIMIT:
+                    raise WireError(f"fp16 codec: tensor {k!r} has values beyond ±65504")
+                v = v.to(torch.float16)
+            out[k] = v
+        return out
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        out = {}
+        for k, v in tensors.items():
+            if v.is_floating_point():
+                if v.dtype != torch.float16:
+                    raise WireError(f"fp16 codec: tensor {k!r} is {v.dtype}; expected float16")
+                v = v.to(torch.float32)
+                if not bool(torch.isfinite(v).all()):
+                    raise WireError(f"fp16 codec: tensor {k!r} has non-finite values")
+            out[k] = v
+        return out
+
+
+class Int8:
+    """Affine 8-bit quantization: x ≈ (q + 128)·scale + zero, per tensor or per output channel.
+
+    With ``int8:channel`` tensors of two or more dimensions get one (scale, zero) per row of
+    dim 0; 1-D tensors stay per tensor (a scale per element would cost more than it saves).
+    The error per element is at most scale/2.
+    """
+
+    PARTS = ("q", "scale", "zero")
+
+    def __init__(self, per_channel: bool):
+        self.per_channel = per_channel
+        self.spec = "int8:channel" if per_channel else "int8"
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        out = {}
+        for k, v in tensors.items():
+            if not v.is_floating_point():
+                out[k] = v
+                continue
+            x = v.detach().to(torch.float32)
+            channels = self.per_channel and x.dim() >= 2
+            rows = x.reshape(x.shape[0], -1) if channels else x.reshape(1, -1)
+            if rows.shape[1] == 0:
+                lo = hi = torch.zeros(rows.shape[0])
+            else:
+                lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+            scale = (hi - lo) / 255.0
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round((rows - lo[:, None]) / safe[:, None]).clamp_(0, 255) - 128
+            out[f"{k}{SEP}q"] = q.to(torch.int8).reshape(x.shape)
+            out[f"{k}{SEP}scale"] = scale.to(torch.float32)
+            out[f"{k}{SEP}zero"] = lo.to(torch.float32)
+        return out
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        groups, plain = _parts(tensors, "int8", self.PARTS)
+        _reject_plain_floats(plain, "int8")
+        out = dict(plain)
+        for base, p in groups.items():
+            q, scale, zero = p["q"], p["scale"], p["zero"]
+            if q.dtype != torch.int8:
+                raise WireError(f"int8 codec: {base}::q is {q.dtype}; expected int8")
+            for name, t in (("scale", scale), ("zero", zero)):
+                if t.dtype != torch.float32 or t.dim() != 1:
+                    raise WireError(f"int8 codec: {base}::{name} must be a 1-D float32 tensor")
+                if not bool(torch.isfinite(t).all()):
+                    raise WireError(f"int8 codec: {base}::{name} has non-finite values")
+            if bool((scale < 0).any()):
+                raise WireError(f"int8 codec: {base}::scale is negative")
+            n = scale.numel()
+            if zero.numel() != n:
+                raise WireError(f"int8 codec: {base}: {n} scales but {zero.numel()} zero points")
+            channels = q.shape[0] if q.dim() >= 1 else 1
+            if n != 1 and not (q.dim() >= 2 and n == channels):
+                raise WireError(f"int8 codec: {base}: {n} scales for a tensor of shape "
+                                f"{tuple(q.shape)}; expected 1 or one per output channel")
+            rows = q.reshape(n, -1).to(torch.float32) + 128.0
+            x = rows * scale[:, None] + zero[:, None]
+            if not bool(torch.isfinite(x).all()):
+                raise WireError(f"int8 codec: {base} decodes to non-finite values")
+            out[base] = x.reshape(q.shape)
+        return out
+
+
+class TopK:
+    """Keep the largest fraction F of each tensor's entries by magnitude, as (index, value).
+
+    Error feedback: what is not sent is kept in the sender's state and added to the next
+    round's update, so every coordinate is sent eventually. Indices are int32 (int64 for
+    tensors of 2³¹ entries or more), flat in row-major order.
+    """
+
+    PARTS = ("idx", "val")
+    STATE = "topk_residual"
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.spec = f"topk:{fraction:g}"
+
+    def k_of(self, numel: int) -> int:
+        return min(numel, max(1, math.ceil(self.fraction * numel)))
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        residual: Tensors = ctx.state.setdefault(self.STATE, {})
+        out = {}
+        for name, v in tensors.items():
+            if not v.is_floating_point() or v.numel() == 0:
+                out[name] = v
+                continue
+            acc = v.detach().to(torch.float32).flatten()
+            if name in residual and residual[name].shape == acc.shape:
+                acc = acc + residual[name]
+            k = self.k_of(acc.numel())
+            idx = torch.topk(acc.abs(), k, sorted=False).indices.sort().values
+            val = acc[idx]
+            rest = acc.clone()
+            rest[idx] = 0.0
+            residual[name] = rest
+            itype = torch.int32 if acc.numel() < 2**31 else torch.int64
+            out[f"{name}{SEP}idx"] = idx.to(itype)
+            out[f"{name}{SEP}val"] = val
+        return out
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        groups, plain = _parts(tensors, "topk", self.PARTS)
+        _reject_plain_floats(plain, "topk")
+        out = dict(plain)
+        for base, p in groups.items():
+            ref = ctx.reference.get(base)
+            if ref is None:
+                raise WireError(f"topk codec: unknown tensor {base!r}")
+            idx, val = p["idx"], p["val"]
+            if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+                raise WireError(f"topk codec: {base}::idx must be a 1-D int32/int64 tensor")
+            if not val.is_floating_point() or val.dim() != 1:
+                raise WireError(f"topk codec: {base}::val must be a 1-D float tensor")
+            n = ref.numel()
+            k = self.k_of(n)
+            if idx.numel() != k or val.numel() != k:
+                raise WireError(f"topk codec: {base} has {idx.numel()} indices and "
+                                f"{val.numel()} values; expected {k} each")
+            idx = idx.to(torch.int64)
+            if k and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise WireError(f"topk codec: {base}::idx out of range [0, {n})")
+            if torch.unique(idx).numel() != k:
+                raise WireError(f"topk codec: {base}::idx has repeated indices")
+            dense = torch.zeros(n, dtype=torch.float32)
+            dense[idx] = val.to(torch.float32)
+            out[base] = dense.reshape(ref.shape)
+        return out
+
+
+def _topk(arg: str) -> TopK:
+    try:
+        fraction = float(arg)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"topk:F needs a fraction F in (0, 1], got {arg!r}")
+    return TopK(fraction)
+
+
+def _int8(arg: str) -> Int8:
+    if arg not in ("", "tensor", "channel"):
+        raise ValueError(f"int8 takes ':tensor' or ':channel', got {arg!r}")
+    return Int8(arg == "channel")
+
+
+def _no_arg(cls):
+    def make(arg: str):
+        if arg:
+            raise ValueError(f"{cls.spec} takes no argument, got {arg!r}")
+        return cls()
+    return make
+
+
+CODECS: dict[str, Any] = {"delta": _no_arg(Delta), "fp16": _no_arg(Fp16), "int8": _int8,
+                          "topk": _topk}
+ORDER = {"delta": 0, "topk": 1, "fp16": 2, "int8": 2}
+DOWNLINK = ("fp16", "int8")
 
 
 class Pipeline:
@@ -75,19 +303,63 @@ class Pipeline:
         return tensors
 
     def decode(self, tensors: Tensors, reference: Tensors) -> Tensors:
+        """Decode, then give each float tensor its reference's dtype (codecs decode to fp32)."""
+        if not self.codecs:
+            return tensors
         ctx = CodecContext(reference)
         for codec in reversed(self.codecs):
             tensors = codec.decode(tensors, ctx)
-        return tensors
+        out = {}
+        for k, v in tensors.items():
+            ref = reference.get(k)
+            if ref is not None and ref.is_floating_point() and v.is_floating_point():
+                v = v.to(ref.dtype)
+            out[k] = v
+        return out
 
 
-def parse_pipeline(spec: str, error: type[Exception] = ConfigError) -> Pipeline:
-    """'' is the identity; 'delta+…' composes. Unknown names raise `error` listing the allowed."""
-    codecs = []
+def parse_pipeline(spec: str, error: type[Exception] = ConfigError,
+                   downlink: bool = False) -> Pipeline:
+    """'' is the identity; 'delta+…' composes. Anything not allowed raises `error`."""
+    codecs, names = [], []
+    where = "down_codec" if downlink else "codec"
     for part in filter(None, (p.strip() for p in spec.split("+"))):
         name, _, arg = part.partition(":")
         make = CODECS.get(name)
         if make is None:
             raise error(f"unknown codec {name!r} in {spec!r}; allowed: {', '.join(sorted(CODECS))}")
-        codecs.append(make(arg))
+        if downlink and name not in DOWNLINK:
+            raise error(f"{where} {spec!r}: {name} is uplink-only (it needs a previous model "
+                        f"both ends share); the downlink allows {', '.join(DOWNLINK)}")
+        if names and ORDER[name] <= ORDER[names[-1]]:
+            raise error(f"{where} {spec!r}: {name} cannot follow {names[-1]}; "
+                        f"order is [delta] [topk:F] [fp16 | int8[:channel]], each once")
+        try:
+            codecs.append(make(arg.strip()))
+        except ValueError as exc:
+            raise error(f"{where} {spec!r}: {exc}") from None
+        names.append(name)
+    if "topk" in names and "delta" not in names:
+        raise error(f"{where} {spec!r}: topk needs delta before it (sparsifying the weights "
+                    f"themselves would zero most of the model); use delta+{spec}")
     return Pipeline(codecs)
+
+
+def downlink(weights: Tensors, spec: str) -> tuple[bytes, Tensors]:
+    """The global model's payload for a round and exactly what a client decodes from it.
+
+    The server decodes its own payload so that the reference it decodes uplink deltas against
+    is bit-identical to the weights the clients started from.
+    """
+    pipeline = parse_pipeline(spec, ConfigError, downlink=True)
+    if not pipeline.codecs:
+        return encode_tensors(weights), weights
+    payload = encode_tensors(pipeline.encode(weights, weights))
+    return payload, pipeline.decode(st_load(payload), weights)
+
+
+def rebase(weights: Tensors, seen: Tensors, exact: Tensors) -> Tensors:
+    """Move a client's weights from the (lossy) model it was sent onto the server's exact one:
+    exact + (weights − seen), so downlink rounding never accumulates in the global model."""
+    return {k: exact[k] + (v - seen[k]) if v.is_floating_point() else v
+            for k, v in weights.items()}

@@ -14,6 +14,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tinyfed.errors import ConfigError
+from tinyfed.staleness import parse_staleness
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +62,15 @@ class Config(BaseModel):
     min_clients: int = Field(1, ge=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds before a round's stragglers are dropped")
     round_retries: int = Field(2, ge=0, description="retries of a round that fell below min_clients")
+    # asynchronous mode: every accepted update is merged at once; a "round" is clients_per_round
+    # merged updates (the cadence of evaluation, records and checkpoints)
+    mode: Literal["sync", "async"] = "sync"
+    async_rule: Literal["seed-merge", "fedasync", "fedbuff"] = "fedasync"
+    concurrency: int | None = Field(None, ge=1, description="clients busy at once (default C·K)")
+    async_alpha: float = Field(0.5, gt=0, le=1, description="FedAsync mixing weight α")
+    staleness: str = Field("constant", description="constant | polynomial:A | hinge:A,B")
+    buffer_size: int | None = Field(None, ge=1, description="FedBuff updates per step (C·K)")
+    server_lr: float = Field(1.0, gt=0, description="FedBuff server learning rate η")
     # transport
     runtime: Literal["inprocess", "processes", "http", "ray"] = "inprocess"
     workers: int | None = Field(None, ge=1)
@@ -78,12 +88,24 @@ class Config(BaseModel):
             return value
         raise ValueError(f"must be one of {', '.join(BUILTIN_MODELS)} or 'package.module:factory'")
 
+    @field_validator("codec", "down_codec")
+    @classmethod
+    def _codec_spec(cls, value: str, info) -> str:
+        from tinyfed.compress import parse_pipeline  # lazy: torch only when a codec is set
+
+        if not value.strip():
+            return ""
+        return parse_pipeline(value, ValueError, downlink=info.field_name == "down_codec").spec
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.min_clients > self.clients:
             raise ValueError(
                 f"min_clients ({self.min_clients}) exceeds clients ({self.clients})"
             )
+        if self.concurrency is not None and self.concurrency > self.clients:
+            raise ValueError(f"concurrency ({self.concurrency}) exceeds clients ({self.clients})")
+        parse_staleness(self.staleness)  # raises ConfigError naming the allowed forms
         if self.model == "cifar_cnn" and self.dataset not in ("cifar10",):
             raise ValueError("model cifar_cnn needs dataset cifar10 (3×32×32 images)")
         if self.dataset == "cifar10" and self.model in ("mlp", "mlp128", "cnn"):

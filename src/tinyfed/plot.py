@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from tinyfed.metrics import Record  # noqa: E402
 
@@ -37,6 +38,8 @@ def plot_runs(runs: dict[str, list[Record]], out: str | Path) -> Path:
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
     ax_bytes.set(title="Accuracy against traffic", xlabel="cumulative bytes, down + up (MB)",
                  ylabel="accuracy (%)")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

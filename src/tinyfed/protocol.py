@@ -32,6 +32,7 @@ class ClientTask:
     settings: TrainSettings
     codec: str = ""
     version: int = 0  # version of the global weights the task carries (async staleness)
+    down_codec: str = ""  # how the global weights in this task's frame are encoded
 
     def header(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class ClientTask:
             "settings": self.settings.to_dict(),
             "codec": self.codec,
             "version": self.version,
+            "down_codec": self.down_codec,
         }
 
     @classmethod
@@ -53,6 +55,7 @@ class ClientTask:
                 settings=TrainSettings(**h["settings"]),
                 codec=str(h.get("codec", "")),
                 version=wire.header_int(h, "version", 0, 2**62),
+                down_codec=str(h.get("down_codec", "")),
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"task header is malformed: {exc}") from None
@@ -125,7 +128,9 @@ class ClientWorker:
                 {"client_id": task.client_id, "round": task.round, "reason": f"client error: {last}"},
             )
 
-    def run(self, task: ClientTask, global_weights: Tensors) -> bytes:
+    def run(self, task: ClientTask, payload: Tensors) -> bytes:
+        down = parse_pipeline(task.down_codec, WireError, downlink=True)
+        global_weights = down.decode(payload, self.model.state_dict())
         wire.validate_tensors(global_weights, self.spec, "global model")
         self.model.load_state_dict(global_weights)
         metrics = train(self.model, self.shard(task.client_id), task.settings, task.seed)

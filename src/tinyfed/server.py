@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinyfed import wire
 from tinyfed.checkpoint import save_checkpoint
 from tinyfed.client import TrainSettings, evaluate, task_seed
+from tinyfed.compress import downlink, rebase
 from tinyfed.errors import TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, Record, rounds_to_target
@@ -139,7 +139,8 @@ class Server:
         start = time.monotonic()
         selected = select_clients(self.exp.client_ids, self.cfg.clients_per_round, self.cfg.seed,
                                   round_num)
-        payload = wire.encode_tensors(self.state.weights)
+        # `seen` is what clients decode from the payload: uplink deltas are relative to it.
+        payload, seen = downlink(self.state.weights, self.cfg.down_codec)
         attempts, failures = 0, []
         bytes_down = bytes_up = 0
         while True:
@@ -149,8 +150,9 @@ class Server:
             ok, loss_sum, examples = 0, 0.0, 0
             for cid in selected:
                 task = ClientTask(cid, round_num, task_seed(self.cfg.seed, round_num, cid),
-                                  self.settings(round_num), self.cfg.codec, version=round_num - 1)
-                expect = Expectation(task, self.state.weights, self.exp.spec,
+                                  self.settings(round_num), self.cfg.codec, version=round_num - 1,
+                                  down_codec=self.cfg.down_codec)
+                expect = Expectation(task, seen, self.exp.spec,
                                      self.exp.shard_size(cid),
                                      int(self.cfg.max_frame_mb * (1 << 20)))
                 self.runtime.submit(task, payload, expect)
@@ -158,6 +160,8 @@ class Server:
                 bytes_down += result.bytes_down
                 bytes_up += result.bytes_up
                 if result.ok:
+                    if seen is not self.state.weights:  # lossy downlink: keep the exact model
+                        result.weights = rebase(result.weights, seen, self.state.weights)
                     ok += 1
                     examples += result.num_examples
                     loss_sum += result.metrics.get("train_loss", 0.0) * result.num_examples

@@ -48,6 +48,7 @@ class Kind(enum.IntEnum):
     FAILURE = 3  # client -> server: the task failed, with a reason
     SHUTDOWN = 4  # server -> client: exit cleanly
     MODEL = 5  # a global model on its own (HTTP GET /v1/model)
+    HELLO = 6  # process runtime: parent -> child config JSON; child -> parent "ready"
 
 
 @dataclass

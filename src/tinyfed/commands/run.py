@@ -16,6 +16,10 @@ def register(sub) -> None:
     add_experiment_flags(p)
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--plain", action="store_true", help="plain lines instead of a live table")
+    p.add_argument("--dashboard", action="store_true",
+                   help="serve a live page of the run at 127.0.0.1 (stays up until Ctrl+C)")
+    p.add_argument("--dashboard-port", type=int, default=8050, metavar="P",
+                   help="port of --dashboard (default 8050; 0 = any free port)")
     p.set_defaults(handler=handle)
 
 
@@ -36,8 +40,20 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     if not args.resume:
         run_dir, config = open_run(config, None, {})
-    result = execute(config, run_dir, resuming=bool(args.resume),
-                     live=False if args.plain else None)
-    print(summary(result))
+    live_page = None
+    if args.dashboard:
+        from tinyfed.dashboard.live import start_live
+
+        live_page = start_live(config, run_dir, port=args.dashboard_port)
+    try:
+        result = execute(config, run_dir, resuming=bool(args.resume),
+                         live=False if args.plain else None,
+                         bus=live_page.bus if live_page else None)
+        print(summary(result), flush=True)
+        if live_page:
+            live_page.linger()
+    finally:
+        if live_page:
+            live_page.stop()
     return 0
 

@@ -26,7 +26,13 @@ def read_bytes(path: Path) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
-        return gzip.decompress(raw)
+        inflater = zlib.decompressobj(wbits=31)  # gzip wrapper: zlib checks CRC and length
+        out = inflater.decompress(raw)
+        if not inflater.eof:
+            raise EOFError("the compressed stream ends early")
+        if inflater.unused_data:  # several gzip members: rare, let gzip walk them
+            out = gzip.decompress(raw)
+        return out
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} is a corrupt or truncated gzip file ({e}); "
                         "delete it and fetch it again") from e
@@ -63,4 +69,5 @@ def check_pair(images: np.ndarray, labels: np.ndarray, image_file: Path, label_f
         raise DataError(f"{label_file} has {labels.shape[0]} labels but {image_file} has "
                         f"{images.shape[0]} images; the files do not belong together")
     if labels.size and int(labels.max()) >= num_classes:
-        raise DataError(f"{label_file} has label {int(labels.max())}, expected 0..{num_classes - 1}")
+        raise DataError(f"{label_file} has label {int(labels.max())}, "
+                        f"expected 0..{num_classes - 1}")

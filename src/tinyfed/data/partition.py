@@ -119,7 +119,7 @@ def _classes(labels: np.ndarray, k: int, per_client: int, rng: np.random.Generat
         if not clients:
             continue
         idx = rng.permutation(np.flatnonzero(labels == c))
-        for client, piece in zip(clients, np.array_split(idx, len(clients))):
+        for client, piece in zip(clients, np.array_split(idx, len(clients)), strict=True):
             parts[client].append(piece)
     merged = [np.concatenate(p) for p in parts]
     empty = [i for i, p in enumerate(merged) if p.size == 0]

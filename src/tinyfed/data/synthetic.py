@@ -44,8 +44,8 @@ def make_synthetic(
     rng = np.random.default_rng(SEED)
     protos = _prototypes(rng)
     n = size + size // 5
-    y = np.arange(n) % NUM_CLASSES  # balanced classes
-    rng.shuffle(y)
+    # Balanced classes in each split (within one example per class), in a seeded order.
+    y = np.concatenate([rng.permutation(np.arange(m) % NUM_CLASSES) for m in (size, size // 5)])
     other = (y + rng.integers(1, NUM_CLASSES, size=n)) % NUM_CLASSES
     oy, ox = rng.integers(0, 2 * MAX_SHIFT + 1, size=(2, n))
     rows = (oy[:, None] + np.arange(SIDE))[:, :, None]

@@ -9,6 +9,7 @@ from tinyfed.runtimes.base import Runtime
 
 RUNTIMES: dict[str, str] = {
     "inprocess": "tinyfed.runtimes.inprocess:InProcessRuntime",
+    "processes": "tinyfed.runtimes.processes:ProcessRuntime",
 }
 
 

@@ -1,0 +1,155 @@
+"""A client process of the process runtime: `python -m tinyfed.runtimes.child READ_FD WRITE_FD N`.
+
+It holds only its own two pipe ends. The first frame it reads is HELLO (the run's config as
+JSON); it loads the data set once, rebuilds the same shards as the parent, answers HELLO, then
+serves TASK frames until SHUTDOWN or EOF. It never outlives its parent: EOF on its read pipe
+ends it, and a watchdog thread ends it when the parent process exits (even mid-training).
+
+Test hook (read only here, never set in normal use): ``TINYFED_TEST_CHILD_FAULT=MODE[:CLIENT
+[:ROUND]]`` makes the child misbehave on the task of that client id (any if omitted) in that
+round (any if omitted). MODE is ``garbage`` (reply with bytes that are not a frame),
+``truncate`` (write half the reply frame, then exit), ``oversize`` (announce a frame over the
+size limit) or ``hang`` (never reply). With ``TINYFED_TEST_CHILD_MARK=DIR`` the child writes
+``DIR/fault-<pid>`` before misbehaving, so a test knows which real pid to kill and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+
+FAULT_ENV = "TINYFED_TEST_CHILD_FAULT"
+MARK_ENV = "TINYFED_TEST_CHILD_MARK"
+
+
+def watch_parent(ppid: int) -> None:
+    """Exit as soon as the parent process is gone (reparenting changes our ppid)."""
+    try:
+        pidfd = os.pidfd_open(ppid)
+    except (AttributeError, OSError):
+        pidfd = None
+    while os.getppid() == ppid:
+        if pidfd is None:
+            threading.Event().wait(0.5)
+        elif select.select([pidfd], [], [], 5.0)[0]:  # readable once the parent has exited
+            break
+    os._exit(0)
+
+
+def fault_for(frame: bytes) -> str | None:
+    """The test hook's mode if it targets this task, else None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    from tinyfed import wire
+
+    mode, *target = spec.split(":")
+    head_len = wire.PREFIX.unpack(frame[: wire.PREFIX_SIZE])[3]
+    header = json.loads(frame[wire.PREFIX_SIZE : wire.PREFIX_SIZE + head_len])
+    wanted = [header.get("client_id"), header.get("round")]
+    if any(int(t) != w for t, w in zip(target, wanted)):
+        return None
+    mark = os.environ.get(MARK_ENV)
+    if mark:
+        Path(mark, f"fault-{os.getpid()}").write_text(f"{mode} {wanted}\n")
+    return mode
+
+
+def misbehave(mode: str, write_fd: int, reply) -> None:
+    """Act out a test fault; `reply` computes the real answer when the mode needs it."""
+    from tinyfed import wire
+    from tinyfed.runtimes import pipeio
+
+    if mode == "garbage":
+        pipeio.write_all(write_fd, b"this is not a tinyfed frame....." * 4)
+    elif mode == "oversize":
+        pipeio.write_all(write_fd, wire.PREFIX.pack(wire.MAGIC, wire.VERSION,
+                                                    int(wire.Kind.UPDATE), 2, 1 << 40, 0))
+    elif mode == "truncate":
+        frame = reply()
+        pipeio.write_all(write_fd, frame[: len(frame) // 2])
+        os._exit(3)
+    elif mode == "hang":
+        threading.Event().wait()
+    else:
+        raise SystemExit(f"{FAULT_ENV}: unknown mode {mode!r}")
+
+
+def setup(header: dict):
+    """Config, threads, data and the worker, from the HELLO header."""
+    import torch
+
+    from tinyfed.config import build_config
+    from tinyfed.experiment import load_data, shard_of, split
+    from tinyfed.protocol import ClientWorker
+
+    config = build_config(header["config"])
+    if config.deterministic:  # as runner.configure_threads: one thread, deterministic kernels
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.set_num_threads(max(1, int(header.get("threads", 1))))
+    dataset = load_data(config)
+    parts = split(config, dataset)
+    return ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
+                        lambda cid: shard_of(dataset, parts, cid),
+                        max_frame=int(config.max_frame_mb * (1 << 20)))
+
+
+def serve(read_fd: int, write_fd: int, num: int) -> int:
+    from tinyfed import wire
+    from tinyfed.errors import WireError
+    from tinyfed.runtimes import pipeio
+
+    try:
+        hello = wire.decode_frame(pipeio.read_frame(read_fd))
+        if hello.kind != wire.Kind.HELLO:
+            raise WireError(f"expected HELLO first, got {hello.kind.name}")
+    except pipeio.PipeClosed:
+        return 0
+    try:
+        worker = setup(hello.header)
+    except Exception as exc:  # tell the parent why, then stop
+        reason = f"child {num} could not start: {type(exc).__name__}: {exc}"
+        pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.FAILURE, {"reason": reason}))
+        return 1
+    pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.HELLO,
+                                                 {"child": num, "pid": os.getpid()}))
+    while True:
+        try:
+            frame = pipeio.read_frame(read_fd, worker.max_frame)
+        except pipeio.PipeClosed:
+            return 0
+        if frame[5] == wire.Kind.SHUTDOWN:
+            return 0
+        mode = fault_for(frame)
+        if mode:
+            misbehave(mode, write_fd, lambda f=frame: worker.handle(f))
+            continue
+        pipeio.write_all(write_fd, worker.handle(frame))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m tinyfed.runtimes.child READ_FD WRITE_FD CHILD_NUM", file=sys.stderr)
+        return 2
+    read_fd, write_fd, num = (int(a) for a in argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for fd in (read_fd, write_fd):
+        os.set_inheritable(fd, False)
+    threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
+    from tinyfed.runtimes import pipeio
+
+    try:
+        return serve(read_fd, write_fd, num)
+    except pipeio.PipeClosed:  # the parent went away while we wrote: nothing left to do
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

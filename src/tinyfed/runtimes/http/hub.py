@@ -1,0 +1,225 @@
+"""The meeting point of the server loop (main thread) and the HTTP handlers (uvicorn's thread).
+
+The server loop publishes one task per client and takes results from a queue; handlers hand out
+task frames and admit update frames. Every shared structure is behind one lock; handlers waiting
+for a task are woken on uvicorn's event loop with `call_soon_threadsafe`, so no reader ever
+blocks the loop. The served model is an immutable bytes snapshot replaced by one assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tinyfed import wire
+from tinyfed.errors import WireError
+from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update
+from tinyfed.wire import Kind
+
+
+@dataclass
+class Slot:
+    """One published task waiting for its answer."""
+
+    task: ClientTask
+    frame: bytes
+    expect: Expectation
+    submitted: float = field(default_factory=time.monotonic)
+    bytes_down: int = 0
+    checking: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    frame: bytes
+    version: int
+    etag: str
+
+
+class Verdict(Exception):
+    """An update turned away before it could count: HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def peek_header(frame: bytes, max_size: int) -> tuple[Kind, dict]:
+    """Kind and JSON header of a frame without decoding its payload (cheap triage)."""
+    if len(frame) < wire.PREFIX_SIZE:
+        raise WireError(f"truncated frame: {len(frame)} bytes, prefix needs {wire.PREFIX_SIZE}")
+    total = wire.frame_length(bytes(frame[: wire.PREFIX_SIZE]), max_size)
+    if total != len(frame):
+        raise WireError(f"frame length mismatch: announced {total} bytes, got {len(frame)}")
+    _, _, kind, head_len, _, _ = wire.PREFIX.unpack(frame[: wire.PREFIX_SIZE])
+    try:
+        header = json.loads(frame[wire.PREFIX_SIZE : wire.PREFIX_SIZE + head_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    return Kind(kind), header
+
+
+class Hub:
+    def __init__(self, max_frame: int = wire.DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self.boot_id = uuid.uuid4().hex[:12]  # changes on every server start; clients re-register
+        self.results: queue.Queue[ClientResult] = queue.Queue()
+        self.counters: Counter[str] = Counter()
+        self.registered: dict[int, float] = {}
+        self.finished = False
+        self.model: ModelSnapshot | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._slots: dict[int, Slot] = {}
+        self._answered: dict[int, int] = {}  # client id -> last round answered (duplicates)
+        self._outstanding = 0  # submitted minus taken by the server loop
+        self._events: dict[int, asyncio.Event] = {}  # touched on the event loop only
+        self._payload_id = 0
+
+    # ---- server loop side (main thread) -------------------------------------------------
+    def set_model(self, payload: bytes, version: int) -> None:
+        """Publish a new snapshot unless this payload is already the one served."""
+        if id(payload) == self._payload_id and self.model is not None:
+            return
+        frame = wire.encode_frame(Kind.MODEL, {"version": version}, payload)
+        etag = f'"{version}-{zlib.crc32(frame):08x}"'
+        self.model = ModelSnapshot(frame, version, etag)  # one reference assignment
+        self._payload_id = id(payload)
+
+    def publish(self, task: ClientTask, frame: bytes, expect: Expectation) -> None:
+        with self._lock:
+            old = self._slots.get(task.client_id)
+            self._slots[task.client_id] = Slot(task, frame, expect)
+            self._outstanding += 1
+        if old is not None:
+            self.results.put(ClientResult.failure(old.task, "superseded by a newer task",
+                                                  bytes_down=old.bytes_down))
+        self._wake(task.client_id)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return self._outstanding
+
+    def taken(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
+    def expire(self, due) -> None:
+        """Fail every open task whose deadline (`due(slot)`, monotonic) has passed."""
+        now = time.monotonic()
+        with self._lock:
+            late = [cid for cid, s in self._slots.items() if due(s) <= now]
+            slots = [self._slots.pop(cid) for cid in late]
+        for s in slots:
+            self.results.put(ClientResult.failure(
+                s.task, "deadline passed: no update from the client", bytes_down=s.bytes_down))
+
+    def finish(self) -> None:
+        """The run is over: waiting and future task requests get 410."""
+        self.finished = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._wake_all)
+
+    # ---- handler side -------------------------------------------------------------------
+    def take_task(self, client_id: int) -> bytes | None:
+        with self._lock:
+            slot = self._slots.get(client_id)
+            if slot is None or slot.checking:
+                return None
+            slot.bytes_down += len(slot.frame)
+            return slot.frame
+
+    async def wait_task(self, client_id: int, wait: float) -> bytes | None:
+        """Long-poll: this client's task frame, or None after `wait` seconds or at the end."""
+        event = self._events.setdefault(client_id, asyncio.Event())
+        deadline = time.monotonic() + wait
+        while not self.finished:
+            event.clear()
+            frame = self.take_task(client_id)
+            if frame is not None:
+                return frame
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+        return None
+
+    def accept(self, client_id: int, body: bytes) -> ClientResult:
+        """Admit an update (or failure) frame for this client's open task, or raise Verdict."""
+        try:
+            kind, header = peek_header(body, self.max_frame)
+        except WireError as exc:
+            self.count(422)
+            raise Verdict(422, f"malformed frame: {exc}") from None
+        with self._lock:
+            slot = self._slots.get(client_id)
+            rnd = header.get("round", slot.task.round if slot and kind == Kind.FAILURE else None)
+            if slot is None or slot.checking or rnd != slot.task.round:
+                status = self._conflict(client_id, rnd, slot)
+                self.counters[status] += 1
+                raise Verdict(409, f"{status} update: no open task for client {client_id} "
+                                   f"round {rnd!r}")
+            slot.checking = True
+        rejected = ""
+        try:
+            result = check_update(body, slot.expect)
+        except WireError as exc:
+            rejected = str(exc)
+            result = ClientResult.failure(slot.task, f"rejected update: {exc}",
+                                          bytes_up=len(body))
+        with self._lock:
+            if self._slots.get(client_id) is not slot:  # expired while being checked
+                self.counters["late"] += 1
+                raise Verdict(409, f"late update: round {rnd} of client {client_id} has closed")
+            del self._slots[client_id]
+            self._answered[client_id] = slot.task.round
+        result.bytes_down = slot.bytes_down
+        self.results.put(result)
+        if rejected:
+            self.count(422)
+            raise Verdict(422, f"rejected update: {rejected}")
+        return result
+
+    def _conflict(self, client_id: int, rnd, slot: Slot | None) -> str:
+        if slot is not None and slot.checking and rnd == slot.task.round:
+            return "duplicate"
+        if self._answered.get(client_id) == rnd:
+            return "duplicate"
+        if isinstance(rnd, int) and slot is not None and rnd < slot.task.round:
+            return "late"
+        if isinstance(rnd, int) and slot is None and rnd <= self._answered.get(client_id, -1):
+            return "late"
+        return "unknown"
+
+    def count(self, what: int | str) -> None:
+        with self._lock:
+            self.counters[str(what)] += 1
+
+    def register(self, client_id: int) -> None:
+        with self._lock:
+            self.registered[client_id] = time.time()
+
+    def _wake(self, client_id: int) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._set, client_id)
+
+    def _set(self, client_id: int) -> None:
+        event = self._events.get(client_id)
+        if event is not None:
+            event.set()
+
+    def _wake_all(self) -> None:
+        for event in self._events.values():
+            event.set()

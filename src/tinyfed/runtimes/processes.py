@@ -1,0 +1,384 @@
+"""Process runtime: one child process per worker, two OS pipes each, one listener thread each.
+
+The parent spawns `python -m tinyfed.runtimes.child` with only that child's two pipe ends,
+sends it HELLO (the config as JSON; the child loads its data itself), then each listener
+thread writes task frames to its child and reads the reply frames, which are validated and
+handed to `results()` as they arrive. A child that dies, hangs past the deadline or sends a
+malformed frame fails its task with a reason, is killed and reaped, and (with `respawn`) is
+replaced before its next task. Blocking reads and writes live in the listener threads; a kill
+(SIGKILL by pid) is what unblocks them, so nothing ever busy-waits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tinyfed
+from tinyfed import protocol, wire
+from tinyfed.config import Config
+from tinyfed.errors import TinyfedError, WireError
+from tinyfed.experiment import Experiment
+from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.runtimes import pipeio
+
+STARTUP_TIMEOUT = 120.0  # seconds for a child to import torch, load its data and say HELLO
+SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
+STATELESS_CODECS = {"delta"}  # codecs that keep no per-client state in the sender
+
+
+class ChildStartError(TinyfedError):
+    """A client process could not start (its own message says why)."""
+
+
+def worker_count(config: Config) -> int:
+    """`workers` if given, else one per CPU core; never more than there are clients."""
+    wanted = config.workers or os.cpu_count() or 1
+    return max(1, min(wanted, config.clients))
+
+
+def stateless(codec: str) -> bool:
+    """True when any child may serve any client (no per-client codec memory to keep)."""
+    names = {p.strip().partition(":")[0] for p in codec.split("+") if p.strip()}
+    return names <= STATELESS_CODECS
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass
+class Job:
+    token: int
+    task: ClientTask
+    frame: bytes
+    expect: Expectation
+
+
+@dataclass
+class Child:
+    """A running client process and the parent's ends of its two pipes."""
+
+    num: int
+    proc: subprocess.Popen
+    to_child: int
+    from_child: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def reap(self) -> int | None:
+        """Kill if still alive, wait for it (no zombie), close our pipe ends."""
+        self.kill()
+        code = self.proc.wait()
+        for fd in (self.to_child, self.from_child):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.to_child = self.from_child = -1
+        return code
+
+
+def child_env() -> dict[str, str]:
+    """The parent's environment, with this tinyfed importable whatever the child's cwd."""
+    env = dict(os.environ)
+    root = str(Path(tinyfed.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def launch(num: int) -> Child:
+    """Start one child holding only its own two pipe ends (ours stay non-inheritable)."""
+    task_r, task_w = os.pipe()  # parent writes tasks, child reads
+    up_r, up_w = os.pipe()  # child writes updates, parent reads
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tinyfed.runtimes.child", str(task_r), str(up_w), str(num)],
+            pass_fds=(task_r, up_w), close_fds=True, stdin=subprocess.DEVNULL, env=child_env())
+    except BaseException:
+        for fd in (task_w, up_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(task_r)
+        os.close(up_w)
+    return Child(num, proc, task_w, up_r)
+
+
+def handshake(child: Child, hello: bytes) -> None:
+    """Send HELLO, wait for the child's HELLO back; raise ChildStartError otherwise."""
+    try:
+        pipeio.write_all(child.to_child, hello)
+        ready, _, _ = select.select([child.from_child], [], [], STARTUP_TIMEOUT)
+        if not ready:
+            raise ChildStartError(f"child {child.num} (pid {child.pid}) did not start within "
+                                  f"{STARTUP_TIMEOUT:g} s")
+        msg = wire.decode_frame(pipeio.read_frame(child.from_child))
+    except (pipeio.PipeClosed, WireError) as exc:
+        child.kill()
+        raise ChildStartError(f"child {child.num} (pid {child.pid}) failed to start: {exc} "
+                              f"({describe_exit(child.proc.wait())})") from None
+    if msg.kind == wire.Kind.FAILURE:
+        raise ChildStartError(str(msg.header.get("reason", "child failed to start"))[:500])
+    if msg.kind != wire.Kind.HELLO:
+        raise ChildStartError(f"child {child.num} answered HELLO with {msg.kind.name}")
+
+
+@dataclass
+class Slot:
+    """One worker: its current child, what it is doing, and whether it is out of service."""
+
+    num: int
+    jobs: queue.Queue
+    child: Child | None = None
+    current: int | None = None  # token of the job being written/read
+    sent: int = 0  # bytes of the current job's task frame written so far (whole frame)
+    doomed: bool = False  # killed by the deadline; replace before the next job
+    down: str = ""  # why this slot serves no more jobs (respawn off, spawn failed)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    thread: threading.Thread | None = None
+
+
+class ProcessRuntime:
+    """Runs client tasks in child processes over OS pipes (see the module docstring)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workers = worker_count(config)
+        self.shared = stateless(config.codec)
+        shared_q: queue.Queue = queue.Queue()
+        self.slots = [Slot(i, shared_q if self.shared else queue.Queue())
+                      for i in range(self.workers)]
+        self.done: queue.Queue[tuple[int, ClientResult]] = queue.Queue()
+        self.jobs: dict[int, Job] = {}  # pending, by token
+        self.lock = threading.Lock()
+        self.tokens = itertools.count()
+        self.closing = False
+        self.spawned: list[Child] = []  # every child ever started, for a last-resort reap
+
+    # ---- Runtime protocol -------------------------------------------------------------
+    def start(self, experiment: Experiment) -> None:
+        cfg = experiment.config
+        self.config = cfg
+        children = [self._launch(slot.num) for slot in self.slots]  # start all, then wait
+        for slot, child in zip(self.slots, children):
+            handshake(child, self._hello_for(slot.num))
+            slot.child = child
+        for slot in self.slots:
+            slot.thread = threading.Thread(target=self._listen, args=(slot,), daemon=True,
+                                           name=f"tinyfed-child-{slot.num}")
+            slot.thread.start()
+
+    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
+        job = Job(next(self.tokens), task, protocol.task_frame(task, weights_payload), expect)
+        with self.lock:
+            self.jobs[job.token] = job
+        self.slots[task.client_id % self.workers].jobs.put(job)
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.jobs)
+
+    def results(self, timeout: float) -> Iterator[ClientResult]:
+        deadline = time.monotonic() + timeout
+        while self.pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                yield from self._expire(timeout)
+                return
+            try:
+                token, result = self.done.get(timeout=left)
+            except queue.Empty:
+                continue
+            with self.lock:
+                job = self.jobs.pop(token, None)
+            if job is not None:  # else: a late answer to a task already failed by a deadline
+                yield result
+
+    def close(self) -> None:
+        """SHUTDOWN to every child, a short grace, then SIGKILL; reap all; join threads."""
+        self.closing = True
+        with self.lock:
+            self.jobs.clear()
+        for slot in self.slots:
+            slot.jobs.put(None)
+        threads = [s.thread for s in self.slots if s.thread is not None]
+        for t in threads:
+            t.join(SHUTDOWN_GRACE + 1.0)
+        for slot in self.slots:  # listeners stuck on a busy or hung child: unblock them
+            with slot.lock:
+                if slot.child is not None:
+                    slot.child.kill()
+        for t in threads:
+            t.join(10.0)
+        for child in self.spawned:
+            if child.to_child != -1 or child.proc.returncode is None:
+                child.reap()
+
+    # ---- helpers ----------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        """Pids of the live children (for tests and diagnostics)."""
+        return [s.child.pid for s in self.slots if s.child is not None]
+
+    def _hello_for(self, num: int) -> bytes:
+        """The config (the child rebuilds data and shards from it) and the ids it serves."""
+        cfg = self.config
+        ids = [c for c in range(cfg.clients) if self.shared or c % self.workers == num]
+        return wire.encode_frame(wire.Kind.HELLO, {
+            "config": cfg.model_dump(), "child": num, "clients": ids, "workers": self.workers,
+            "threads": max(1, (os.cpu_count() or 1) // self.workers)})
+
+    def _launch(self, num: int) -> Child:
+        child = launch(num)
+        self.spawned.append(child)
+        return child
+
+    def _expire(self, timeout: float) -> Iterator[ClientResult]:
+        """The deadline passed: fail every pending job, kill the children still working."""
+        with self.lock:
+            expired, self.jobs = self.jobs, {}
+        sent: dict[int, int] = {}
+        for slot in self.slots:
+            with slot.lock:
+                if slot.current in expired and slot.child is not None:
+                    sent[slot.current] = slot.sent
+                    slot.doomed = True
+                    slot.child.kill()
+        for token, job in sorted(expired.items()):
+            if token in sent:
+                reason = f"deadline: no reply within {timeout:g} s (child killed)"
+            else:
+                reason = f"deadline: not started within {timeout:g} s"
+            yield ClientResult.failure(job.task, reason, bytes_down=sent.get(token, 0))
+
+    def _others_up(self, slot: Slot) -> bool:
+        return any(not s.down for s in self.slots if s is not slot)
+
+    def _listen(self, slot: Slot) -> None:
+        """One child's listener: take a job, run it on the child, report, repeat."""
+        try:
+            while True:
+                job = slot.jobs.get()
+                if job is None:
+                    break
+                with self.lock:
+                    live = job.token in self.jobs
+                if not live:
+                    continue
+                if slot.down and self.shared and self._others_up(slot):
+                    slot.jobs.put(job)  # leave it to a working child
+                    return
+                result, lost = self._run(slot, job)
+                self.done.put((job.token, result))
+                if lost is not None:
+                    self._replace(slot, lost)
+        finally:
+            self._retire(slot)
+
+    def _ready_child(self, slot: Slot) -> Child | None:
+        """The slot's child, replaced first if the deadline killed it or it died idle."""
+        with slot.lock:
+            child, doomed = slot.child, slot.doomed
+            slot.doomed = False
+        if child is not None and (doomed or child.proc.poll() is not None):
+            self._replace(slot, child)
+        return slot.child
+
+    def _run(self, slot: Slot, job: Job) -> tuple[ClientResult, Child | None]:
+        """Write the task, read the reply. Returns the result and the child if it was lost."""
+        child = self._ready_child(slot)
+        if child is None:
+            return ClientResult.failure(job.task, f"worker {slot.num} is down: {slot.down}"), None
+        with slot.lock:
+            slot.current, slot.sent = job.token, 0
+        sent = 0
+        try:
+            sent = pipeio.write_all(child.to_child, job.frame)
+            slot.sent = sent
+            reply = pipeio.read_frame(child.from_child, job.expect.max_frame)
+        except pipeio.PipeClosed as exc:
+            up = exc.done if sent == len(job.frame) else 0
+            sent = sent or exc.done
+            return self._lost(slot, child, job, f"died: {exc}", sent, up), child
+        except WireError as exc:
+            return self._lost(slot, child, job, f"sent a malformed frame: {exc}", sent,
+                              wire.PREFIX_SIZE), child
+        except OSError as exc:
+            return self._lost(slot, child, job, f"pipe error: {exc}", sent, 0), child
+        finally:
+            with slot.lock:
+                slot.current = None
+        result = protocol.read_update(reply, job.expect)
+        result.bytes_down = sent
+        return result, None
+
+    def _lost(self, slot: Slot, child: Child, job: Job, what: str, down: int,
+              up: int) -> ClientResult:
+        """Kill and reap a child that broke its task; the half-read reply is discarded."""
+        code = child.reap()
+        reason = f"child {slot.num} (pid {child.pid}) {what} ({describe_exit(code)})"
+        return ClientResult.failure(job.task, reason, bytes_down=down, bytes_up=up)
+
+    def _replace(self, slot: Slot, old: Child) -> None:
+        """Reap `old`; start a fresh child unless closing or respawn is off."""
+        old.reap()
+        with slot.lock:
+            slot.child = None
+        if self.closing:
+            return
+        if not self.config.respawn:
+            slot.down = f"child {slot.num} failed and respawn is off"
+            return
+        try:
+            child = self._launch(slot.num)
+            handshake(child, self._hello_for(slot.num))
+        except (ChildStartError, OSError) as exc:
+            slot.down = f"respawn failed: {exc}"
+            return
+        with slot.lock:
+            slot.child = child
+            if self.closing:
+                child.kill()
+
+    def _retire(self, slot: Slot) -> None:
+        """Tell the slot's child to exit, give it a moment, then make sure; reap it."""
+        with slot.lock:
+            child, slot.child = slot.child, None
+        if child is None:
+            return
+        try:
+            pipeio.write_all(child.to_child, wire.encode_frame(wire.Kind.SHUTDOWN, {}))
+        except OSError:
+            pass
+        try:
+            child.proc.wait(SHUTDOWN_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        child.reap()
+
