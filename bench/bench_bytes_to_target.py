@@ -1,11 +1,13 @@
 """Bytes to target accuracy per codec: Fashion-MNIST, 2NN, K=100, C=0.1, E=1, B=10.
 
-For IID and Dirichlet(0.5): rounds to the target (85%, or the best the fp32 run reaches if
-lower), MB up and down until then, and final accuracy, for fp32, fp16, int8, top-k 1% with error
-feedback, and top-k 1% + int8 (also with an int8 downlink). Bytes are the measured frame bytes
-of the run's records (cumulative at the first evaluated round at or above the target).
+For IID and Dirichlet(0.5), for fp32, fp16, int8, top-k 1% with error feedback, top-k 1% + int8
+(and that with an int8 downlink): rounds to the target, MB up and down until then (measured
+frame bytes, cumulative at the first evaluated round at or above the target), final accuracy.
+The target is 85%, or, if the bounded fp32 run misses it, fp32's best accuracy minus --slack
+(0.5 points), so configurations within half a point of fp32 count as reaching it.
 
-Rerun:  PYTHONPATH=src python bench/bench_bytes_to_target.py [--rounds 60] [--partitions iid dirichlet]
+Rerun:  PYTHONPATH=src python bench/bench_bytes_to_target.py [--rounds 60]
+            [--partitions iid dirichlet]
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from tinyfed.config import build_config
 from tinyfed.metrics import rounds_to_target
 from tinyfed.runner import execute, open_run
 
-CONFIGS = [  # (label, uplink codec, downlink codec)
+CONFIGS = [  # (label, uplink codec, downlink codec), most telling first
     ("fp32", "", ""),
-    ("fp16", "fp16", ""),
     ("int8", "int8", ""),
+    ("topk 1% + int8, down int8", "delta+topk:0.01+int8", "int8"),
     ("topk 1% + EF", "delta+topk:0.01", ""),
     ("topk 1% + int8", "delta+topk:0.01+int8", ""),
-    ("topk 1% + int8, down int8", "delta+topk:0.01+int8", "int8"),
+    ("fp16", "fp16", ""),
 ]
 
 
@@ -71,28 +75,41 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"])
     ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
+    ap.add_argument("--slack", type=float, default=0.005,
+                    help="if fp32 misses --target, the target is its best accuracy minus this")
+    ap.add_argument("--keep", metavar="DIR", help="keep the run folders here (else a temp dir)")
+    ap.add_argument("--configs", type=int, nargs="+", default=list(range(len(CONFIGS))),
+                    help="indices into CONFIGS; without 0 (fp32) --target is used as given")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     table = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         for partition in args.partitions:
             target = args.target
             base = None
             for i, (label, codec, down) in enumerate(CONFIGS):
+                if i not in args.configs:
+                    continue
                 t0 = time.time()
                 recs = run_one(partition, codec, down, args.rounds,
                                Path(tmp) / f"{partition}-{i}", args)
                 if i == 0:
                     best = max(r["test_accuracy"] for r in recs if r["test_accuracy"] is not None)
-                    target = min(args.target, best)
+                    target = args.target if best >= args.target else best - args.slack
                 row = {"partition": partition, "config": label, "codec": codec, "down": down,
                        "target": target, **at_target(recs, target),
                        "seconds": round(time.time() - t0, 1)}
-                if base is None:
+                if i == 0:
                     base = row
-                total = (row["mb_up"] or 0) + (row["mb_down"] or 0)
-                base_total = base["mb_up"] + base["mb_down"]
-                row["total_reduction"] = base_total / total if row["mb_up"] else None
-                row["up_reduction"] = base["mb_up_run"] / row["mb_up_run"]
+                if base and base["mb_up"] and row["mb_up"]:
+                    row["total_reduction"] = (base["mb_up"] + base["mb_down"]) / (
+                        row["mb_up"] + row["mb_down"])
+                else:
+                    row["total_reduction"] = None
+                fp32_round = 797_500 * 10  # fp32 2NN update frame (tinyfed bandwidth) × 10
+                row["up_reduction"] = fp32_round * len(recs) / 1e6 / row["mb_up_run"]
                 table.append(row)
                 print(f"{partition:9} {label:26} target {100 * target:.1f}%  rounds "
                       f"{fmt(row['rounds_to_target'], '5.1f')}  up {fmt(row['mb_up'], '8.2f')} MB"

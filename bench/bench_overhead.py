@@ -26,26 +26,63 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    common = ["--clients", "100", "--fraction", "0.1", "--epochs", "1", "--batch-size", "10",
-              "--lr", "0.05", "--rounds", str(args.rounds), "--seed", "0"]
+    common = [
+        "--clients",
+        "100",
+        "--fraction",
+        "0.1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+        "--rounds",
+        str(args.rounds),
+        "--seed",
+        "0",
+    ]
     rows = {"plain": [], "tinyfed": []}
     for rep in range(args.repeats):
         out, wall, rss = run_with_rss([sys.executable, str(HERE / "plain_fedavg.py"), *common])
         recs = [json.loads(line) for line in out.splitlines()]
-        rows["plain"].append((statistics.median(r["seconds"] for r in recs), recs[-1]["accuracy"],
-                              rss, wall))
+        rows["plain"].append(
+            (statistics.median(r["seconds"] for r in recs), recs[-1]["accuracy"], rss, wall)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             outdir = Path(tmp) / f"run{rep}"
-            _, wall, rss = run_with_rss([sys.executable, "-m", "tinyfed", "run", *common,
-                                         "--model", "mlp", "--out", str(outdir), "--plain"])
-            recs = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines()]
-            rows["tinyfed"].append((statistics.median(r["wall_seconds"] for r in recs),
-                                    recs[-1]["test_accuracy"], rss, wall))
+            _, wall, rss = run_with_rss(
+                [
+                    sys.executable,
+                    "-m",
+                    "tinyfed",
+                    "run",
+                    *common,
+                    "--model",
+                    "mlp",
+                    "--out",
+                    str(outdir),
+                    "--plain",
+                ]
+            )
+            recs = [
+                json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines()
+            ]
+            rows["tinyfed"].append(
+                (
+                    statistics.median(r["wall_seconds"] for r in recs),
+                    recs[-1]["test_accuracy"],
+                    rss,
+                    wall,
+                )
+            )
     print(f"Fashion-MNIST 2NN, K=100 C=0.1 E=1 B=10, {args.rounds} rounds, {args.repeats} repeats")
     for name, vals in rows.items():
         sec = min(v[0] for v in vals)
-        print(f"{name:8s} s/round (median, best repeat) {sec:.3f}  accuracy {vals[-1][1]:.4f}  "
-              f"peak RSS {max(v[2] for v in vals) / 2**20:.0f} MiB  process wall {vals[-1][3]:.1f} s")
+        print(
+            f"{name:8s} s/round (median, best repeat) {sec:.3f}  accuracy {vals[-1][1]:.4f}  "
+            f"peak RSS {max(v[2] for v in vals) / 2**20:.0f} MiB  process wall {vals[-1][3]:.1f} s"
+        )
     ratio = min(v[0] for v in rows["tinyfed"]) / min(v[0] for v in rows["plain"])
     print(f"ratio tinyfed/plain = {ratio:.3f} (goal <= 1.05)")
     print("rerun: python bench/bench_overhead.py " + " ".join(sys.argv[1:]))

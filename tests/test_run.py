@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import small_config
 from tinyfed.cli import main
-from tinyfed.runner import execute, summary
 from tinyfed.rundir import RunDir
+from tinyfed.runner import execute, summary
 
 SYNTH = ["--dataset", "synthetic", "--set", "synthetic_size=600", "--model", "mlp128",
          "--clients", "4", "--batch-size", "20", "--lr", "0.1", "--seed", "3"]
@@ -188,3 +188,14 @@ def test_resume_rejects_an_incompatible_config(tmp_path, cli_env):
     ok = cli(["run", "--resume", str(res.run_dir.path), "--rounds", "2", "--plain"], cli_env)
     assert ok.returncode == 0, ok.stderr
     assert len(res.run_dir.metrics.read_text().splitlines()) == 2
+
+
+def test_user_model_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "def make(shape, n):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0] * shape[1] * shape[2], n))\n")
+    monkeypatch.chdir(tmp_path)
+    res = run_api(tmp_path, "u", model="mymodels:make", rounds=1)
+    assert set(res.state.weights) == {"1.weight", "1.bias"}
+    assert res.state.weights["1.weight"].shape == (10, 784)

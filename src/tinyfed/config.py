@@ -60,8 +60,12 @@ class Config(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     deterministic: bool = False
     min_clients: int = Field(1, ge=1)
-    round_timeout: float = Field(600.0, gt=0, description="seconds before a round's stragglers are dropped")
-    round_retries: int = Field(2, ge=0, description="retries of a round that fell below min_clients")
+    round_timeout: float = Field(
+        600.0, gt=0, description="seconds before a round's stragglers are dropped"
+    )
+    round_retries: int = Field(
+        2, ge=0, description="retries of a round that fell below min_clients"
+    )
     # asynchronous mode: every accepted update is merged at once; a "round" is clients_per_round
     # merged updates (the cadence of evaluation, records and checkpoints)
     mode: Literal["sync", "async"] = "sync"
@@ -75,11 +79,23 @@ class Config(BaseModel):
     runtime: Literal["inprocess", "processes", "http", "ray"] = "inprocess"
     workers: int | None = Field(None, ge=1)
     respawn: bool = True
+    ray_address: str | None = Field(None, description="ray runtime: 'auto' or HOST:PORT")
+    cpus_per_client: float = Field(1.0, gt=0, description="ray runtime: CPUs reserved per actor")
     codec: str = ""
     down_codec: str = ""
     max_frame_mb: float = Field(256.0, gt=0)
     # output
     out: str | None = None
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        host, _, port = value.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+        raise ValueError("must be 'auto' or HOST:PORT, e.g. 10.0.0.5:6379")
 
     @field_validator("model")
     @classmethod
@@ -100,9 +116,7 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.min_clients > self.clients:
-            raise ValueError(
-                f"min_clients ({self.min_clients}) exceeds clients ({self.clients})"
-            )
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
         if self.concurrency is not None and self.concurrency > self.clients:
             raise ValueError(f"concurrency ({self.concurrency}) exceeds clients ({self.clients})")
         parse_staleness(self.staleness)  # raises ConfigError naming the allowed forms

@@ -39,7 +39,8 @@ def evaluate_target(target: Path, data_dir: str | None = None) -> dict[str, Any]
         model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise TinyfedError(f"{str(weights_path)!r} does not fit model {config.model!r}: {first}")
+        msg = f"{str(weights_path)!r} does not fit model {config.model!r}: {first}"
+        raise TinyfedError(msg) from None
     res = evaluate(model, dataset.test_x, dataset.test_y, dataset.num_classes)
     conf = res["confusion"]
     per_class = (conf.diag().double() / conf.sum(1).clamp(min=1).double()).tolist()

@@ -56,7 +56,7 @@ class JsonlSink:
             os.fsync(fh.fileno())
 
     def rewrite(self, records: Iterable[Record]) -> None:
-        """Replace the file with exactly these records (resume drops rounds after the checkpoint)."""
+        """Replace the file with exactly these records (resume drops rounds past the checkpoint)."""
         tmp = self.path.with_suffix(".jsonl.tmp")
         with tmp.open("w", encoding="utf-8") as fh:
             for record in records:
@@ -88,8 +88,11 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
 def rounds_to_target(records: list[Record], target: float) -> float | None:
     """The FedAvg paper's measure: make accuracy monotone (best so far), then interpolate
     linearly between the two evaluated rounds around the target. None if never reached."""
-    points = [(r["round"], r["test_accuracy"]) for r in records
-              if r.get("kind", "round") == "round" and r.get("test_accuracy") is not None]
+    points = [
+        (r["round"], r["test_accuracy"])
+        for r in records
+        if r.get("kind", "round") == "round" and r.get("test_accuracy") is not None
+    ]
     best, prev = 0.0, (0, 0.0)
     for rnd, acc in points:
         best = max(best, acc)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -70,7 +72,12 @@ def cifar_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     )
 
 
-BUILTIN: dict[str, ModelFactory] = {"mlp": mlp, "mlp128": mlp128, "cnn": cnn, "cifar_cnn": cifar_cnn}
+BUILTIN: dict[str, ModelFactory] = {
+    "mlp": mlp,
+    "mlp128": mlp128,
+    "cnn": cnn,
+    "cifar_cnn": cifar_cnn,
+}
 
 
 def resolve_factory(name: str) -> ModelFactory:
@@ -78,6 +85,8 @@ def resolve_factory(name: str) -> ModelFactory:
     if name in BUILTIN:
         return BUILTIN[name]
     module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path:  # `module:factory` names a module of the user's project
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -88,7 +97,9 @@ def resolve_factory(name: str) -> ModelFactory:
     return factory
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
+def build_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int
+) -> nn.Module:
     """Build a model with weights seeded by `seed` alone, so every runtime starts identical."""
     factory = resolve_factory(name)
     with torch.random.fork_rng(devices=[]):

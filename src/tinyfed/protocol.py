@@ -78,8 +78,15 @@ class ClientResult:
 
     @classmethod
     def failure(cls, task: ClientTask, reason: str, bytes_down: int = 0, bytes_up: int = 0):
-        return cls(task.client_id, task.round, False, reason=reason, bytes_down=bytes_down,
-                   bytes_up=bytes_up, version=task.version)
+        return cls(
+            task.client_id,
+            task.round,
+            False,
+            reason=reason,
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
+            version=task.version,
+        )
 
 
 def task_frame(task: ClientTask, weights_payload: bytes) -> bytes:
@@ -96,8 +103,14 @@ class ClientWorker:
     so the same object serves one client id or many in turn.
     """
 
-    def __init__(self, model_name: str, input_shape, num_classes: int, shards: ShardSource,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME):
+    def __init__(
+        self,
+        model_name: str,
+        input_shape,
+        num_classes: int,
+        shards: ShardSource,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ):
         self.model = build_model(model_name, tuple(input_shape), num_classes, seed=0)
         self.spec = wire.spec_of(state_of(self.model))
         self.shards = shards
@@ -125,7 +138,11 @@ class ClientWorker:
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return wire.encode_frame(
                 Kind.FAILURE,
-                {"client_id": task.client_id, "round": task.round, "reason": f"client error: {last}"},
+                {
+                    "client_id": task.client_id,
+                    "round": task.round,
+                    "reason": f"client error: {last}",
+                },
             )
 
     def run(self, task: ClientTask, payload: Tensors) -> bytes:
@@ -143,7 +160,8 @@ class ClientWorker:
             "version": task.version,
             "num_examples": len(self.shard(task.client_id)),
             "codec": task.codec,
-            "metrics": metrics,
+            # wall-clock time stays local: it would make frame sizes differ run to run
+            "metrics": {k: v for k, v in metrics.items() if k != "train_seconds"},
         }
         return wire.encode_frame(Kind.UPDATE, header, wire.encode_tensors(encoded))
 
@@ -181,10 +199,14 @@ def check_update(frame: bytes, exp: Expectation) -> ClientResult:
     decoded = parse_pipeline(codec, WireError).decode(msg.tensors, exp.reference)
     wire.validate_tensors(decoded, exp.spec)
     metrics = h.get("metrics", {})
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))} if isinstance(
-        metrics, dict) else {}
-    return ClientResult(cid, rnd, True, decoded, n, metrics, bytes_up=len(frame),
-                        version=exp.task.version)
+    metrics = (
+        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if isinstance(metrics, dict)
+        else {}
+    )
+    return ClientResult(
+        cid, rnd, True, decoded, n, metrics, bytes_up=len(frame), version=exp.task.version
+    )
 
 
 def read_update(frame: bytes, exp: Expectation) -> ClientResult:
@@ -193,4 +215,3 @@ def read_update(frame: bytes, exp: Expectation) -> ClientResult:
         return check_update(frame, exp)
     except WireError as exc:
         return ClientResult.failure(exp.task, f"rejected update: {exc}", bytes_up=len(frame))
-

@@ -20,8 +20,20 @@ PLOT = "result.png"
 CHECKPOINTS = "checkpoints"
 
 # Fields a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE = {"rounds", "eval_every", "checkpoint_every", "keep_checkpoints", "target_accuracy",
-             "runtime", "workers", "respawn", "round_timeout", "round_retries", "out", "data_dir"}
+RESUMABLE = {
+    "rounds",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "target_accuracy",
+    "runtime",
+    "workers",
+    "respawn",
+    "round_timeout",
+    "round_retries",
+    "out",
+    "data_dir",
+}
 
 
 class RunDir:
@@ -63,9 +75,12 @@ class RunDir:
         atomic_write(self.path / CONFIG, config.to_toml().encode())
 
     def write_partition(self, histogram: list[list[int]], classes: tuple[str, ...]) -> None:
-        data = {"classes": list(classes),
-                "clients": [{"client_id": i, "size": sum(h), "labels": h}
-                            for i, h in enumerate(histogram)]}
+        data = {
+            "classes": list(classes),
+            "clients": [
+                {"client_id": i, "size": sum(h), "labels": h} for i, h in enumerate(histogram)
+            ],
+        }
         atomic_write(self.path / PARTITION, json.dumps(data, indent=1).encode())
 
     def saved_config(self) -> Config:
@@ -82,7 +97,8 @@ class RunDir:
                 continue
             raise ConfigError(
                 f"cannot resume {str(self.path)!r} with {key}={value!r}: the run used "
-                f"{key}={getattr(saved, key, None)!r}; only {', '.join(sorted(RESUMABLE))} may change"
+                f"{key}={getattr(saved, key, None)!r}; "
+                f"only {', '.join(sorted(RESUMABLE))} may change"
             )
         values = saved.model_dump()
         values.update(overrides)

@@ -18,10 +18,11 @@ from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, JsonlSink, Record, human_bytes, rounds_to_target
 from tinyfed.plot import plot_runs
 from tinyfed.progress import Progress
-from tinyfed.runtimes import make_runtime
 from tinyfed.rundir import RunDir
+from tinyfed.runtimes import make_runtime
+from tinyfed.runtimes.base import Runtime
 from tinyfed.server import RunState, Server
-from tinyfed.strategies import make_strategy
+from tinyfed.strategies import make_async_rule, make_strategy
 from tinyfed.wire import encode_tensors
 
 
@@ -40,7 +41,9 @@ def configure_threads(config: Config) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def open_run(config: Config, resume: str | None, overrides: dict[str, Any]) -> tuple[RunDir, Config]:
+def open_run(
+    config: Config, resume: str | None, overrides: dict[str, Any]
+) -> tuple[RunDir, Config]:
     if resume:
         run_dir = RunDir(resume)
         return run_dir, run_dir.resume_config(overrides)
@@ -60,6 +63,17 @@ def restore(server: Server, run_dir: RunDir, sink: JsonlSink) -> None:
     sink.rewrite(state.records)
 
 
+def make_server(
+    config: Config, experiment: Experiment, runtime, bus: EventBus, run_dir: RunDir
+) -> Server:
+    """Synchronous rounds or asynchronous merging, over the same runtime either way."""
+    if config.mode == "async":
+        from tinyfed.async_loop import AsyncServer
+
+        return AsyncServer(experiment, runtime, make_async_rule(config), bus, run_dir.checkpoints)
+    return Server(experiment, runtime, make_strategy(config), bus, run_dir.checkpoints)
+
+
 def execute(
     config: Config,
     run_dir: RunDir,
@@ -68,15 +82,17 @@ def execute(
     live: bool | None = None,
     subscribers: list[Callable[[Record], None]] = (),
     bus: EventBus | None = None,
+    runtime: Runtime | None = None,
 ) -> RunResult:
-    """Run (or continue) the experiment in `run_dir` to its end and write every output."""
+    """Run (or continue) the experiment in `run_dir` to its end and write every output.
+    `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server)."""
     configure_threads(config)
     experiment = Experiment.build(config)
     run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
     bus = bus or EventBus()
     sink = JsonlSink(run_dir.metrics)
-    runtime = make_runtime(config.runtime, config)
-    server = Server(experiment, runtime, make_strategy(config), bus, run_dir.checkpoints)
+    runtime = runtime or make_runtime(config.runtime, config)
+    server = make_server(config, experiment, runtime, bus, run_dir)
     if resuming:
         restore(server, run_dir, sink)
     else:
@@ -86,8 +102,10 @@ def execute(
     bus.subscribe(sink)
     for sub in subscribers:
         bus.subscribe(sub)
-    title = (f"tinyfed · {config.dataset} · {config.model} · K={config.clients} "
-             f"C={config.fraction} E={config.epochs} B={config.batch_size} · {config.runtime}")
+    title = (
+        f"tinyfed · {config.dataset} · {config.model} · K={config.clients} "
+        f"C={config.fraction} E={config.epochs} B={config.batch_size} · {config.runtime}"
+    )
     progress = Progress(title, stream, live)
     bus.subscribe(progress)
     try:
@@ -117,23 +135,28 @@ def summary(result: RunResult) -> str:
         f"stopped          {result.stop_reason} after round {st.round} of {cfg.rounds}",
     ]
     if last:
-        lines.append(f"test accuracy    {100 * last['test_accuracy']:.2f}%  "
-                     f"(loss {last['test_loss']:.4f}, round {last['round']})")
+        lines.append(
+            f"test accuracy    {100 * last['test_accuracy']:.2f}%  "
+            f"(loss {last['test_loss']:.4f}, round {last['round']})"
+        )
     if cfg.target_accuracy is not None:
         rt = rounds_to_target(records, cfg.target_accuracy)
         reached = f"{rt:.1f}" if rt is not None else "not reached"
         lines.append(f"rounds to {100 * cfg.target_accuracy:.1f}%   {reached}")
     failed = sum(r["clients_failed"] for r in records)
+    tasks = max(1, sum(r.get("clients_selected", 0) for r in records))
     lines += [
         f"clients          {sum(r['clients_succeeded'] for r in records)} updates merged, "
         f"{failed} failed",
-        f"traffic measured down {human_bytes(st.cum_bytes_down)}, up {human_bytes(st.cum_bytes_up)}, "
+        f"traffic measured down {human_bytes(st.cum_bytes_down)}, "
+        f"up {human_bytes(st.cum_bytes_up)}, "
         f"total {human_bytes(measured_total)}",
+        f"traffic mean     per client per round: down {human_bytes(st.cum_bytes_down / tasks)}, "
+        f"up {human_bytes(st.cum_bytes_up / tasks)} ({tasks} client tasks)",
         f"traffic estimate W·C·R = {human_bytes(w)} × {cfg.clients_per_round} × {rounds} = "
-        f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total",
+        f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total (fp32, no codec)",
         f"wall time        {st.elapsed:.1f} s in rounds",
         f"outputs          {result.run_dir.metrics.name}, {result.run_dir.plot.name}, "
         f"{result.run_dir.model.name}, checkpoints/",
     ]
     return "\n".join(lines)
-

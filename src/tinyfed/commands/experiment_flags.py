@@ -29,8 +29,17 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--target-accuracy", "target_accuracy", float, "stop when test accuracy reaches this"),
     ("--seed", "seed", int, "run seed"),
     ("--strategy", "strategy", str, "aggregation rule"),
+    ("--mode", "mode", str, "sync (rounds) | async (merge each update as it arrives)"),
+    ("--async-rule", "async_rule", str, "async merge rule: seed-merge | fedasync | fedbuff"),
+    ("--concurrency", "concurrency", int, "async: clients busy at once (default C·K)"),
+    ("--async-alpha", "async_alpha", float, "FedAsync mixing weight α in (0, 1]"),
+    ("--staleness", "staleness", str, "async staleness: constant | polynomial:A | hinge:A,B"),
+    ("--buffer-size", "buffer_size", int, "FedBuff: updates per server step (default C·K)"),
+    ("--server-lr", "server_lr", float, "FedBuff: server learning rate η"),
     ("--runtime", "runtime", str, "inprocess | processes | http | ray"),
     ("--workers", "workers", int, "client processes / actors"),
+    ("--ray-address", "ray_address", str, "ray runtime: cluster to attach to, auto | HOST:PORT"),
+    ("--cpus-per-client", "cpus_per_client", float, "ray runtime: CPUs per actor (default 1)"),
     ("--min-clients", "min_clients", int, "fewest successful clients for a round to count"),
     ("--round-timeout", "round_timeout", float, "seconds before a round drops its stragglers"),
     ("--eval-every", "eval_every", int, "evaluate the global model every N rounds"),
@@ -50,6 +59,8 @@ def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
     group.add_argument("--deterministic", action="store_const", const=True, default=None,
                        help="one thread per client: bit-identical results across runtimes")
+    group.add_argument("--respawn", dest="respawn", action="store_const", const=True,
+                       default=None, help="restart a failed client process (the default)")
     group.add_argument("--no-respawn", dest="respawn", action="store_const", const=False,
                        default=None, help="do not restart a failed client process")
     group.add_argument("--print-config", action="store_true",

@@ -12,8 +12,13 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, \
-    StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 
 from tinyfed.config import Config
 from tinyfed.dashboard.hub import Hub
@@ -137,6 +142,11 @@ def create_app(dash: Dashboard) -> FastAPI:
     """A stand-alone app serving the dashboard at /."""
     app = FastAPI(title="tinyfed dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(dash.router())
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def _favicon() -> Response:
+        return Response(status_code=204)
+
     return app
 
 

@@ -39,7 +39,7 @@ class Hub:
             return index
 
     def update_run(self, index: int, **meta: Any) -> None:
-        """Change a run's metadata (config appeared, notice changed); unchanged values are no-ops."""
+        """Change a run's metadata (config appeared, notice changed); no change, no event."""
         with self._lock:
             info = self._runs[index]
             if all(info.get(k) == v for k, v in meta.items()):

@@ -10,6 +10,8 @@ from tinyfed.runtimes.base import Runtime
 RUNTIMES: dict[str, str] = {
     "inprocess": "tinyfed.runtimes.inprocess:InProcessRuntime",
     "processes": "tinyfed.runtimes.processes:ProcessRuntime",
+    "http": "tinyfed.runtimes.http.local:LocalHttpRuntime",
+    "ray": "tinyfed.runtimes.ray_runtime:RayRuntime",
 }
 
 

@@ -23,7 +23,11 @@ class Runtime(Protocol):
 
     def results(self, timeout: float) -> Iterator[ClientResult]:
         """Yield results (updates or failures) as they finish, until none is pending or the
-        timeout passes; tasks still pending at the timeout are yielded as failures."""
+        timeout passes; tasks still pending at the timeout are yielded as failures.
+
+        The caller may stop iterating after any result (asynchronous mode takes one result,
+        merges it and submits more work, then calls again): tasks not yet yielded stay pending
+        for the next call, and a task submitted between calls joins them."""
 
     def pending(self) -> int:
         """How many submitted tasks have not produced a result yet."""

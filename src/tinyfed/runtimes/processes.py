@@ -34,6 +34,7 @@ from tinyfed.runtimes import pipeio
 
 STARTUP_TIMEOUT = 120.0  # seconds for a child to import torch, load its data and say HELLO
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
+GRACE = 0.5  # seconds: a job due this soon after a results() deadline fails with it
 STATELESS_CODECS = {"delta"}  # codecs that keep no per-client state in the sender
 
 
@@ -70,6 +71,7 @@ class Job:
     task: ClientTask
     frame: bytes
     expect: Expectation
+    due: float  # monotonic time at which the job fails if no reply came
 
 
 @dataclass
@@ -196,7 +198,8 @@ class ProcessRuntime:
             slot.thread.start()
 
     def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        job = Job(next(self.tokens), task, protocol.task_frame(task, weights_payload), expect)
+        job = Job(next(self.tokens), task, protocol.task_frame(task, weights_payload), expect,
+                  time.monotonic() + self.config.round_timeout)
         with self.lock:
             self.jobs[job.token] = job
         self.slots[task.client_id % self.workers].jobs.put(job)
@@ -206,19 +209,28 @@ class ProcessRuntime:
             return len(self.jobs)
 
     def results(self, timeout: float) -> Iterator[ClientResult]:
-        deadline = time.monotonic() + timeout
+        """Results as they arrive; submit() may be called meanwhile. A job fails once
+        `round_timeout` has passed since its submit; when this call's `timeout` passes, the jobs
+        due by then fail (all of them if none is and nothing else has arrived)."""
+        end = time.monotonic() + timeout
         while self.pending():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                yield from self._expire(timeout)
-                return
+            now = time.monotonic()
+            failed = self._expire(lambda job, now=now: job.due <= now)
+            if now >= end and not failed and self.done.empty():
+                failed = self._expire(lambda job: job.due <= end + GRACE) or self._expire(
+                    lambda job: True)
+            yield from failed
+            with self.lock:
+                if not self.jobs:
+                    return
+                wake = min(min(job.due for job in self.jobs.values()), end)
             try:
-                token, result = self.done.get(timeout=left)
+                token, result = self.done.get(timeout=max(wake - time.monotonic(), 0.001))
             except queue.Empty:
                 continue
             with self.lock:
                 job = self.jobs.pop(token, None)
-            if job is not None:  # else: a late answer to a task already failed by a deadline
+            if job is not None:  # else: a late answer to a job already failed by its deadline
                 yield result
 
     def close(self) -> None:
@@ -227,11 +239,15 @@ class ProcessRuntime:
         with self.lock:
             self.jobs.clear()
         for slot in self.slots:
+            with slot.lock:  # a child mid-task works for nobody now: stop it at once
+                if slot.current is not None and slot.child is not None:
+                    slot.child.kill()
             slot.jobs.put(None)
         threads = [s.thread for s in self.slots if s.thread is not None]
+        end = time.monotonic() + SHUTDOWN_GRACE + 1.0
         for t in threads:
-            t.join(SHUTDOWN_GRACE + 1.0)
-        for slot in self.slots:  # listeners stuck on a busy or hung child: unblock them
+            t.join(max(0.0, end - time.monotonic()))
+        for slot in self.slots:  # listeners still stuck (e.g. a child ignoring SHUTDOWN)
             with slot.lock:
                 if slot.child is not None:
                     slot.child.kill()
@@ -259,10 +275,12 @@ class ProcessRuntime:
         self.spawned.append(child)
         return child
 
-    def _expire(self, timeout: float) -> Iterator[ClientResult]:
-        """The deadline passed: fail every pending job, kill the children still working."""
+    def _expire(self, due) -> list[ClientResult]:
+        """Fail the pending jobs `due(job)` selects; kill the children still working on them."""
         with self.lock:
-            expired, self.jobs = self.jobs, {}
+            expired = {t: j for t, j in self.jobs.items() if due(j)}
+            for token in expired:
+                del self.jobs[token]
         sent: dict[int, int] = {}
         for slot in self.slots:
             with slot.lock:
@@ -270,12 +288,12 @@ class ProcessRuntime:
                     sent[slot.current] = slot.sent
                     slot.doomed = True
                     slot.child.kill()
-        for token, job in sorted(expired.items()):
-            if token in sent:
-                reason = f"deadline: no reply within {timeout:g} s (child killed)"
-            else:
-                reason = f"deadline: not started within {timeout:g} s"
-            yield ClientResult.failure(job.task, reason, bytes_down=sent.get(token, 0))
+        limit = f"{self.config.round_timeout:g} s"
+        return [ClientResult.failure(
+            job.task,
+            f"deadline: no reply within {limit} (child killed)" if token in sent
+            else f"deadline: not started within {limit}",
+            bytes_down=sent.get(token, 0)) for token, job in sorted(expired.items())]
 
     def _others_up(self, slot: Slot) -> bool:
         return any(not s.down for s in self.slots if s is not slot)

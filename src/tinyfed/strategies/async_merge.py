@@ -138,6 +138,6 @@ class FedBuff:
         return dict(self.sums) if self.count else {}
 
     def load_tensor_state(self, tensors: Tensors) -> None:
-        self.sums = {k: v.to(torch.float64) for k, v in tensors.items()}
+        self.sums = {k: v.to(torch.float64).clone() for k, v in tensors.items()}
         if not self.sums:
             self.count = 0

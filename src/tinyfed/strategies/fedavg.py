@@ -37,7 +37,9 @@ class RunningMean:
         out = {}
         for k, ref in self.reference.items():
             mean = self.sums[k] / self.total
-            out[k] = mean.round().to(ref.dtype) if not ref.is_floating_point() else mean.to(ref.dtype)
+            out[k] = (
+                mean.round().to(ref.dtype) if not ref.is_floating_point() else mean.to(ref.dtype)
+            )
         return out
 
 

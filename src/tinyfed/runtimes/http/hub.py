@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tinyfed import wire
 from tinyfed.errors import WireError
-from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update
+from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update, task_frame
 from tinyfed.wire import Kind
 
 
@@ -29,7 +29,7 @@ class Slot:
     """One published task waiting for its answer."""
 
     task: ClientTask
-    frame: bytes
+    payload: bytes  # the round's shared weights payload; the frame is built per fetch
     expect: Expectation
     submitted: float = field(default_factory=time.monotonic)
     bytes_down: int = 0
@@ -80,10 +80,11 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._slots: dict[int, Slot] = {}
-        self._answered: dict[int, int] = {}  # client id -> last round answered (duplicates)
+        self._closed: dict[int, tuple[int, bool]] = {}  # client id -> (last round, answered?)
         self._outstanding = 0  # submitted minus taken by the server loop
         self._events: dict[int, asyncio.Event] = {}  # touched on the event loop only
         self._payload_id = 0
+        self._farewell: set[int] = set()  # clients told the run is over
 
     # ---- server loop side (main thread) -------------------------------------------------
     def set_model(self, payload: bytes, version: int) -> None:
@@ -95,10 +96,11 @@ class Hub:
         self.model = ModelSnapshot(frame, version, etag)  # one reference assignment
         self._payload_id = id(payload)
 
-    def publish(self, task: ClientTask, frame: bytes, expect: Expectation) -> None:
+    def publish(self, task: ClientTask, payload: bytes, expect: Expectation) -> None:
+        """Open `task`; memory per open task is its header, the payload is shared."""
         with self._lock:
             old = self._slots.get(task.client_id)
-            self._slots[task.client_id] = Slot(task, frame, expect)
+            self._slots[task.client_id] = Slot(task, payload, expect)
             self._outstanding += 1
         if old is not None:
             self.results.put(ClientResult.failure(old.task, "superseded by a newer task",
@@ -113,15 +115,17 @@ class Hub:
         with self._lock:
             self._outstanding -= 1
 
-    def expire(self, due) -> None:
-        """Fail every open task whose deadline (`due(slot)`, monotonic) has passed."""
-        now = time.monotonic()
+    def expire(self, is_due) -> int:
+        """Fail every open task for which `is_due(slot)` is true; how many failed."""
         with self._lock:
-            late = [cid for cid, s in self._slots.items() if due(s) <= now]
+            late = [cid for cid, s in self._slots.items() if is_due(s)]
             slots = [self._slots.pop(cid) for cid in late]
+            for s in slots:
+                self._closed[s.task.client_id] = (s.task.round, False)
         for s in slots:
             self.results.put(ClientResult.failure(
                 s.task, "deadline passed: no update from the client", bytes_down=s.bytes_down))
+        return len(slots)
 
     def finish(self) -> None:
         """The run is over: waiting and future task requests get 410."""
@@ -135,8 +139,10 @@ class Hub:
             slot = self._slots.get(client_id)
             if slot is None or slot.checking:
                 return None
-            slot.bytes_down += len(slot.frame)
-            return slot.frame
+        frame = task_frame(slot.task, slot.payload)
+        with self._lock:
+            slot.bytes_down += len(frame)
+        return frame
 
     async def wait_task(self, client_id: int, wait: float) -> bytes | None:
         """Long-poll: this client's task frame, or None after `wait` seconds or at the end."""
@@ -168,6 +174,7 @@ class Hub:
             rnd = header.get("round", slot.task.round if slot and kind == Kind.FAILURE else None)
             if slot is None or slot.checking or rnd != slot.task.round:
                 status = self._conflict(client_id, rnd, slot)
+                self.counters["409"] += 1
                 self.counters[status] += 1
                 raise Verdict(409, f"{status} update: no open task for client {client_id} "
                                    f"round {rnd!r}")
@@ -181,10 +188,11 @@ class Hub:
                                           bytes_up=len(body))
         with self._lock:
             if self._slots.get(client_id) is not slot:  # expired while being checked
+                self.counters["409"] += 1
                 self.counters["late"] += 1
                 raise Verdict(409, f"late update: round {rnd} of client {client_id} has closed")
             del self._slots[client_id]
-            self._answered[client_id] = slot.task.round
+            self._closed[client_id] = (slot.task.round, True)
         result.bytes_down = slot.bytes_down
         self.results.put(result)
         if rejected:
@@ -193,13 +201,15 @@ class Hub:
         return result
 
     def _conflict(self, client_id: int, rnd, slot: Slot | None) -> str:
-        if slot is not None and slot.checking and rnd == slot.task.round:
+        """Why an update has no open task: a duplicate, a late one, or unknown."""
+        closed_round, answered = self._closed.get(client_id, (None, False))
+        if (slot is not None and slot.checking and rnd == slot.task.round) or (
+                answered and rnd == closed_round):
             return "duplicate"
-        if self._answered.get(client_id) == rnd:
-            return "duplicate"
-        if isinstance(rnd, int) and slot is not None and rnd < slot.task.round:
-            return "late"
-        if isinstance(rnd, int) and slot is None and rnd <= self._answered.get(client_id, -1):
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
+            return "unknown"
+        if (slot is not None and rnd < slot.task.round) or (
+                closed_round is not None and rnd <= closed_round):
             return "late"
         return "unknown"
 
@@ -210,6 +220,14 @@ class Hub:
     def register(self, client_id: int) -> None:
         with self._lock:
             self.registered[client_id] = time.time()
+
+    def farewell(self, client_id: int) -> None:
+        with self._lock:
+            self._farewell.add(client_id)
+
+    def farewelled(self) -> set[int]:
+        with self._lock:
+            return set(self._farewell)
 
     def _wake(self, client_id: int) -> None:
         if self.loop is not None:

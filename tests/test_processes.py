@@ -1,0 +1,260 @@
+"""The process runtime with real child processes, real pipes and real SIGKILLs.
+
+Faults are injected through the child's test hook (TINYFED_TEST_CHILD_FAULT, read only in
+runtimes/child.py); kills are real signals to the real child pids.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import needs_fmnist, small_config
+from tinyfed.runner import execute, open_run
+from tinyfed.runtimes import processes
+from tinyfed.server import RoundFailed
+
+
+def children_of(pid: int) -> set[int]:
+    out: set[int] = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            out.update(int(x) for x in Path(path).read_text().split())
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    before = children_of(os.getpid())
+    yield
+    left = children_of(os.getpid()) - before
+    for pid in left:  # clean up first, then fail
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert not left, f"processes left behind: {sorted(left)}"
+
+
+def run(tmp_path: Path, name: str, **over):
+    cfg = small_config(out=str(tmp_path / name), **over)
+    run_dir, cfg = open_run(cfg, None, {})
+    return execute(cfg, run_dir, live=False, stream=io.StringIO())
+
+
+def records(result) -> list[dict]:
+    return [r for r in result.state.records if r["kind"] == "round"]
+
+
+def assert_same_weights(a, b) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_bytes(ra, rb, clients_per_round: int) -> None:
+    assert [r["bytes_down"] for r in ra] == [r["bytes_down"] for r in rb]
+    assert [r["bytes_up"] for r in ra] == [r["bytes_up"] for r in rb]
+
+
+def test_deterministic_run_is_bit_identical_to_inprocess(tmp_path):
+    base = run(tmp_path, "inproc", deterministic=True, rounds=2)
+    proc = run(tmp_path, "procs", deterministic=True, rounds=2, runtime="processes", workers=2)
+    assert_same_weights(base.state.weights, proc.state.weights)
+    assert_same_bytes(records(base), records(proc), 4)
+    assert all(r["clients_succeeded"] == 4 for r in records(proc))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-queue", "client-per-worker"])
+def test_more_clients_than_workers(tmp_path, monkeypatch, shared):
+    if not shared:  # make 'delta' count as stateful, so clients stick to worker id % 2
+        monkeypatch.setattr(processes, "STATELESS_CODECS", set())
+    over = dict(deterministic=True, clients=5, rounds=2, codec="delta")
+    base = run(tmp_path, "inproc", **over)
+    proc = run(tmp_path, "procs", runtime="processes", workers=2, **over)
+    assert_same_weights(base.state.weights, proc.state.weights)
+    assert all(r["clients_succeeded"] == 5 for r in records(proc))
+
+
+@needs_fmnist
+def test_deterministic_fmnist_is_bit_identical_to_inprocess(tmp_path):
+    over = dict(dataset="fmnist", model="mlp", clients=4, partition="ranges", range_size=500,
+                batch_size=10, epochs=1, rounds=2, deterministic=True)
+    base = run(tmp_path, "inproc", **over)
+    proc = run(tmp_path, "procs", runtime="processes", workers=2, **over)
+    assert_same_weights(base.state.weights, proc.state.weights)
+    assert_same_bytes(records(base), records(proc), 4)
+
+
+def fault_env(monkeypatch, tmp_path: Path, spec: str) -> Path:
+    mark = tmp_path / "marks"
+    mark.mkdir()
+    monkeypatch.setenv("TINYFED_TEST_CHILD_FAULT", spec)
+    monkeypatch.setenv("TINYFED_TEST_CHILD_MARK", str(mark))
+    return mark
+
+
+def run_and_kill(tmp_path: Path, mark: Path, **over):
+    """Run in a thread; SIGKILL the child as soon as it reports it is inside the task."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = run(tmp_path, "procs", **over)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    killed = None
+    while thread.is_alive() and killed is None:
+        files = list(mark.glob("fault-*"))
+        if files:
+            killed = int(files[0].name.removeprefix("fault-"))
+            os.kill(killed, signal.SIGKILL)
+        else:
+            time.sleep(0.05)
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"], killed
+
+
+@pytest.mark.parametrize("respawn", [True, False], ids=["respawn", "no-respawn"])
+def test_child_sigkilled_mid_round(tmp_path, monkeypatch, respawn):
+    monkeypatch.setattr(processes, "STATELESS_CODECS", set())  # client 1 always on worker 1
+    mark = fault_env(monkeypatch, tmp_path, "hang:1:1")
+    result, killed = run_and_kill(tmp_path, mark, runtime="processes", workers=2, rounds=2,
+                                  respawn=respawn, codec="delta")
+    assert killed is not None
+    r1, r2 = records(result)
+    first = r1["failures"][0]
+    assert first["client_id"] == 1
+    assert f"pid {killed}" in first["reason"] and "killed by SIGKILL" in first["reason"]
+    assert "EOF" in first["reason"]
+    if respawn:  # the child came back: client 3 (same worker) later in round 1, all in round 2
+        assert r1["clients_succeeded"] == 3 and len(r1["failures"]) == 1
+        assert r1["num_examples"] == 3 * 150  # 600 synthetic examples / 4 clients
+        assert r2["clients_succeeded"] == 4 and r2["failures"] == []
+    else:  # worker 1 serves clients 1 and 3; both fail from then on
+        assert [f["client_id"] for f in r1["failures"]] == [1, 3]
+        assert "worker 1 is down" in r1["failures"][1]["reason"]
+        assert [f["client_id"] for f in r2["failures"]] == [1, 3]
+        assert r2["clients_succeeded"] == 2
+    assert not Path(f"/proc/{killed}").exists()  # reaped, not a zombie
+    assert all(torch.isfinite(v).all() for v in result.state.weights.values())
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("garbage", "malformed frame: not a tinyfed frame"),
+    ("truncate", "died: EOF after"),
+    ("oversize", "malformed frame: frame of"),
+])
+def test_bad_reply_fails_the_task_only(tmp_path, monkeypatch, mode, why):
+    fault_env(monkeypatch, tmp_path, f"{mode}:2:1")
+    result = run(tmp_path, "procs", runtime="processes", workers=2, rounds=2)
+    r1, r2 = records(result)
+    assert r1["clients_succeeded"] == 3 and r1["num_examples"] == 3 * 150
+    assert [f["client_id"] for f in r1["failures"]] == [2]
+    assert why in r1["failures"][0]["reason"]
+    assert r2["clients_succeeded"] == 4
+
+
+def test_hang_past_the_deadline(tmp_path, monkeypatch):
+    fault_env(monkeypatch, tmp_path, "hang:0:1")
+    result = run(tmp_path, "procs", runtime="processes", workers=2, rounds=2, round_timeout=4.0)
+    r1, r2 = records(result)
+    assert [f["client_id"] for f in r1["failures"]] == [0]
+    assert r1["failures"][0]["reason"] == "deadline: no reply within 4 s (child killed)"
+    assert r1["clients_succeeded"] == 3
+    assert r2["clients_succeeded"] == 4
+
+
+def test_round_below_min_clients_is_retried_then_stops(tmp_path, monkeypatch):
+    mark = fault_env(monkeypatch, tmp_path, "garbage:1:1")
+    with pytest.raises(RoundFailed, match="3 of 4 clients succeeded.*after 2 attempts"):
+        run(tmp_path, "procs", runtime="processes", workers=2, min_clients=4, round_retries=1)
+    assert len(list(mark.glob("fault-*"))) == 2  # the retry was sent again
+
+
+@contextmanager
+def subreaper():
+    """Orphans of our subprocesses come to us, so we can see how (and whether) they exit."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    try:
+        yield
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+
+
+def start_cli_run(tmp_path: Path, cli_env) -> tuple[subprocess.Popen, set[int]]:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyfed", "run", "--plain", "--runtime", "processes",
+         "--workers", "2", "--dataset", "synthetic", "--model", "mlp128", "--clients", "4",
+         "--rounds", "100000", "--eval-every", "1000", "--checkpoint-every", "1000",
+         "--out", str(out)],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    kids: set[int] = set()
+    while proc.poll() is None:  # wait until both children serve rounds
+        kids = children_of(proc.pid)
+        if len(kids) == 2 and metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    return proc, kids
+
+
+def wait_exit(pid: int, limit: float = 30.0) -> int | None:
+    """Exit code of our (adopted) child, or None if it still runs after `limit` seconds."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def test_parent_sigkilled_children_exit_by_themselves(tmp_path, cli_env):
+    with subreaper():
+        proc, kids = start_cli_run(tmp_path, cli_env)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        codes = {pid: wait_exit(pid) for pid in kids}
+    assert codes == {pid: 0 for pid in kids}  # each noticed on its own and exited cleanly
+
+
+def test_ctrl_c_reaps_every_child(tmp_path, cli_env):
+    with subreaper():
+        proc, kids = start_cli_run(tmp_path, cli_env)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait() == 130
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        adopted = children_of(os.getpid()) & kids  # orphans would have come to us
+        for pid in adopted:
+            wait_exit(pid)
+    assert not adopted, "children outlived the parent after Ctrl-C"
+    assert "interrupted" in err and "Traceback" not in err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in kids)
