@@ -20,6 +20,7 @@ from tinyfed.config import build_config
 from tinyfed.metrics import rounds_to_target
 from tinyfed.rundir import RunDir
 from tinyfed.runner import execute
+from tinyfed.server import RoundFailed
 
 ROWS = [  # (label, E, B, lr grid, eval every)
     ("FedSGD E=1 B=inf", 1, 0, (0.215, 0.464, 1.0), 5),
@@ -39,7 +40,10 @@ def rounds_for(epochs: int, batch: int, lr: float, target: float, max_rounds: in
     run = RunDir.create(cfg)
     start = time.monotonic()
     with open(os.devnull, "w") as null:
-        res = execute(run.saved_config(), run, live=False, stream=null)
+        try:
+            res = execute(run.saved_config(), run, live=False, stream=null)
+        except RoundFailed:  # the lr diverged: every update was non-finite and was rejected
+            return None, float("nan"), time.monotonic() - start
     best = max(r["test_accuracy"] or 0 for r in res.state.records)
     return rounds_to_target(res.state.records, target), best, time.monotonic() - start
 
