@@ -67,10 +67,12 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int) ->
     opt = make_optimizer(model.parameters(), settings)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    loss_sum, correct, steps = 0.0, 0, 0
+    steps = 0
+    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=gen)
-        loss_sum, correct = 0.0, 0
+        loss_sum.zero_()
+        correct.zero_()
         for lo in range(0, n, batch):
             idx = order[lo : lo + batch]
             xb, yb = shard.x[idx], shard.y[idx]
@@ -79,12 +81,13 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int) ->
             loss = loss_fn(out, yb)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((out.detach().argmax(1) == yb).sum())
+            with torch.no_grad():  # tensor sums: no Python float per step
+                loss_sum += loss * len(idx)
+                correct += (out.argmax(1) == yb).sum()
             steps += 1
     return {
-        "train_loss": loss_sum / max(n, 1),
-        "train_accuracy": correct / max(n, 1),
+        "train_loss": float(loss_sum) / max(n, 1),
+        "train_accuracy": int(correct) / max(n, 1),
         "steps": steps,
         "train_seconds": time.perf_counter() - start,
     }
