@@ -59,6 +59,9 @@ class Config(BaseModel):
     keep_checkpoints: int = Field(3, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
     deterministic: bool = False
+    threads: int = Field(
+        1, ge=0, description="torch threads for in-process training; 0 = torch's default"
+    )
     min_clients: int = Field(1, ge=1)
     round_timeout: float = Field(
         600.0, gt=0, description="seconds before a round's stragglers are dropped"

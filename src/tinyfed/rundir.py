@@ -22,6 +22,7 @@ CHECKPOINTS = "checkpoints"
 # Fields a resumed run may change: they do not alter what the finished rounds computed.
 RESUMABLE = {
     "rounds",
+    "threads",
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",

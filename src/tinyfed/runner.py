@@ -35,10 +35,14 @@ class RunResult:
 
 
 def configure_threads(config: Config) -> None:
-    """One torch thread per client when results must be bit-identical across runtimes."""
+    """One torch thread per client when results must be bit-identical across runtimes; else
+    `threads` (1 by default: the small models train faster on one thread than on two, see
+    docs/benchmarks.md, and the server leaves a core to other clients' processes)."""
     if config.deterministic:
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
+    elif config.threads:
+        torch.set_num_threads(config.threads)
 
 
 def open_run(
