@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from tinyfed.errors import ConfigError
+from tinyfed.netutil import bind
 
 
 @dataclass
@@ -29,23 +29,9 @@ class Handle:
         self.sock.close()
 
 
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"dashboard address {host}:{port}: cannot listen ({exc.strerror}); "
-                          f"choose another --port, or 0 for any free port") from None
-    sock.listen(128)
-    return sock
-
-
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Handle:
     """Start serving `app`; returns once the server accepts connections."""
-    sock = bind(host, port)
+    sock = bind(host, port, "dashboard", backlog=128)
     real_port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
                             lifespan="off")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 
-from tinyfed import wire
+from tinyfed import netutil, wire
 from tinyfed.checkpoint import atomic_write
 from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
@@ -48,16 +48,8 @@ class HttpOptions:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket ourselves, so `--port 0` gives the real port at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    """The server's non-blocking listening socket (uvicorn serves on it)."""
+    sock = netutil.bind(host, port, "HTTP server")
     sock.setblocking(False)
     return sock
 
