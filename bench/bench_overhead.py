@@ -25,26 +25,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     args = ap.parse_args()
-    common = [
-        "--clients",
-        "100",
-        "--fraction",
-        "0.1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "10",
-        "--lr",
-        "0.05",
-        "--rounds",
-        str(args.rounds),
-        "--seed",
-        "0",
-    ]
+    common = ["--clients", "100", "--fraction", "0.1", "--epochs", "1", "--batch-size", "10",
+              "--lr", "0.05", "--rounds", str(args.rounds), "--seed", "0"]
+    plain_args = [*common, "--threads", str(args.threads)]
+    tinyfed_args = [*common, "--set", f"threads={args.threads}"]
     rows = {"plain": [], "tinyfed": []}
     for rep in range(args.repeats):
-        out, wall, rss = run_with_rss([sys.executable, str(HERE / "plain_fedavg.py"), *common])
+        out, wall, rss = run_with_rss([sys.executable, str(HERE / "plain_fedavg.py"), *plain_args])
         recs = [json.loads(line) for line in out.splitlines()]
         rows["plain"].append(
             (statistics.median(r["seconds"] for r in recs), recs[-1]["accuracy"], rss, wall)
@@ -57,7 +46,7 @@ def main() -> None:
                     "-m",
                     "tinyfed",
                     "run",
-                    *common,
+                    *tinyfed_args,
                     "--model",
                     "mlp",
                     "--out",

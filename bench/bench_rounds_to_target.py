@@ -52,10 +52,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-rounds", type=int, default=300)
     ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--rows", default="", help="comma-separated row numbers (0-4) to run")
     args = ap.parse_args()
+    wanted = {int(r) for r in args.rows.split(",") if r.strip()} or set(range(len(ROWS)))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, e, b, grid, every in ROWS:
+        for label, e, b, grid, every in (row for i, row in enumerate(ROWS) if i in wanted):
             best_row = None
             for lr in grid:
                 r, acc, secs = rounds_for(e, b, lr, args.target, args.max_rounds, every, Path(tmp))

@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; 0 = torch's default")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = load_dataset("fmnist")  # loading is not what is measured
     parts = partition(data.train_y, args.clients, "iid", seed=args.seed)

@@ -188,7 +188,9 @@ class Server:
     def make_record(self, round_num, selected, ok, failures, examples, loss_sum, bytes_down,
                     bytes_up, seconds) -> Record:
         evaluate_now = round_num % self.cfg.eval_every == 0 or round_num == self.cfg.rounds
+        eval_start = time.monotonic()
         test = self.evaluate(self.state.weights) if evaluate_now else None
+        seconds += time.monotonic() - eval_start  # a round's wall time includes its evaluation
         st = self.state
         st.cum_bytes_down += bytes_down
         st.cum_bytes_up += bytes_up
