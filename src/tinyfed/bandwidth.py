@@ -99,7 +99,7 @@ def update_frame_bytes(config: Config, weights: Tensors, rounds: int,
     payload = wire.encode_tensors(encoded)
     header = {"client_id": config.clients - 1, "round": rounds, "version": rounds - 1,
               "num_examples": num_examples, "codec": config.codec,
-              "metrics": {"train_loss": 0.4321098765432109, "train_accuracy": 0.8765432109876543,
+              "metrics": {"train_loss": 0.4321098765432109,
                           "steps": 60}}
     return len(wire.encode_frame(Kind.UPDATE, header, payload)), len(payload)
 
