@@ -15,13 +15,16 @@ STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
 }
 
 
-def make_strategy(config: Any) -> Strategy:
-    make = STRATEGIES.get(config.strategy)
+def pick(registry: dict[str, Callable[[Any], Any]], key: str, name: str, config: Any) -> Any:
+    """Build the registry entry `name` for config field `key`, or say what is allowed."""
+    make = registry.get(name)
     if make is None:
-        raise ConfigError(
-            f"unknown strategy {config.strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
-        )
+        raise ConfigError(f"unknown {key} {name!r}; allowed: {', '.join(sorted(registry))}")
     return make(config)
+
+
+def make_strategy(config: Any) -> Strategy:
+    return pick(STRATEGIES, "strategy", config.strategy, config)
 
 
 # Asynchronous rules (mode = "async"), chosen by config.async_rule.
@@ -34,12 +37,7 @@ ASYNC_RULES: dict[str, Callable[[Any], AsyncRule]] = {
 
 
 def make_async_rule(config: Any) -> AsyncRule:
-    make = ASYNC_RULES.get(config.async_rule)
-    if make is None:
-        raise ConfigError(
-            f"unknown async_rule {config.async_rule!r}; allowed: {', '.join(sorted(ASYNC_RULES))}"
-        )
-    return make(config)
+    return pick(ASYNC_RULES, "async_rule", config.async_rule, config)
 
 
 __all__ = ["ASYNC_RULES", "Aggregator", "AsyncRule", "FedAvg", "RunningMean", "STRATEGIES",
