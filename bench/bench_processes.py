@@ -18,43 +18,18 @@ import time
 from pathlib import Path
 
 import torch
+from timed_run import timed_run
 
 from tinyfed.config import build_config
-from tinyfed.experiment import Experiment
-from tinyfed.metrics import EventBus
-from tinyfed.runtimes import make_runtime
-from tinyfed.server import Server
-from tinyfed.strategies import make_strategy
 
 BASE = dict(dataset="fmnist", model="mlp", epochs=1, batch_size=10, lr=0.05, seed=0,
             eval_every=1000)
-_experiments: dict[tuple, Experiment] = {}
-
-
-def experiment(cfg) -> Experiment:
-    key = (cfg.clients, cfg.seed, cfg.partition)
-    if key not in _experiments:
-        _experiments[key] = Experiment.build(cfg)
-    exp = _experiments[key]
-    return Experiment(cfg, exp.dataset, exp.parts, exp.initial, exp.spec, exp.num_parameters)
 
 
 def measure(threads: int | None = None, on_start=None, **over) -> dict:
     """One run; returns start-up seconds and each round's wall seconds."""
     cfg = build_config({**BASE, **over})
-    exp = experiment(cfg)
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    runtime = make_runtime(cfg.runtime, cfg)
-    server = Server(exp, runtime, make_strategy(cfg), EventBus(), None)
-    t0 = time.perf_counter()
-    try:
-        runtime.start(exp)
-        startup = time.perf_counter() - t0
-        if on_start:
-            on_start()
-        server.run()
-    finally:
-        runtime.close()
+    startup, server, _ = timed_run(cfg, threads or os.cpu_count() or 1, on_start)
     recs = server.state.records
     return {"startup": startup, "rounds": [r["wall_seconds"] for r in recs],
             "failed": sum(r["clients_failed"] for r in recs),

@@ -16,42 +16,20 @@ import os
 import statistics
 import time
 
-import torch
+from timed_run import timed_run
 
 from tinyfed import wire
 from tinyfed.config import build_config
 from tinyfed.experiment import Experiment
-from tinyfed.metrics import EventBus
-from tinyfed.runtimes import make_runtime
-from tinyfed.server import Server
-from tinyfed.strategies import make_strategy
 
 BASE = dict(dataset="fmnist", model="mlp", clients=100, fraction=0.1, epochs=1, batch_size=10,
             lr=0.05, seed=0, eval_every=1000, checkpoint_every=1000)
-_shared: dict[str, Experiment] = {}
-
-
-def experiment(cfg) -> Experiment:
-    if "exp" not in _shared:
-        _shared["exp"] = Experiment.build(cfg)
-    e = _shared["exp"]
-    return Experiment(cfg, e.dataset, e.parts, e.initial, e.spec, e.num_parameters)
 
 
 def measure(label: str, threads: int, **over) -> dict:
     cfg = build_config({**BASE, **over})
-    exp = experiment(cfg)
-    torch.set_num_threads(threads)
-    runtime = make_runtime(cfg.runtime, cfg)
-    server = Server(exp, runtime, make_strategy(cfg), EventBus(), None)
-    t0 = time.perf_counter()
-    try:
-        runtime.start(exp)
-        startup = time.perf_counter() - t0
-        server.run()
-        extra = ray_costs(runtime, exp) if cfg.runtime == "ray" else {}
-    finally:
-        runtime.close()
+    after = ray_costs if cfg.runtime == "ray" else None
+    startup, server, extra = timed_run(cfg, threads, after_run=after)
     walls = [r["wall_seconds"] for r in server.state.records]
     out = dict(label=label, startup=startup, first=walls[0], median=statistics.median(walls[1:]),
                walls=walls, **extra)
