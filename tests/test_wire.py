@@ -55,7 +55,7 @@ def test_oversized_frame_rejected_from_prefix_alone():
 
 def test_garbage_payload_with_valid_crc_is_rejected():
     head, payload = b"{}", b"not safetensors at all"
-    crc = zlib.crc32(payload, zlib.crc32(head))
+    crc = zlib.crc32(head, zlib.crc32(payload))
     frame = wire.PREFIX.pack(wire.MAGIC, 1, int(Kind.UPDATE), 2, len(payload), crc) + head + payload
     with pytest.raises(WireError, match="safetensors"):
         wire.decode_frame(frame)
@@ -63,7 +63,7 @@ def test_garbage_payload_with_valid_crc_is_rejected():
 
 def test_header_must_be_object():
     head, payload = b"[1]", b""
-    crc = zlib.crc32(payload, zlib.crc32(head))
+    crc = zlib.crc32(head, zlib.crc32(payload))
     frame = struct.pack("<4sBBxxIQI", wire.MAGIC, 1, 2, 3, 0, crc) + head
     with pytest.raises(WireError, match="JSON object"):
         wire.decode_frame(frame)
@@ -88,6 +88,19 @@ def test_validate_tensors_catches_every_mismatch():
     bad[1, 1] = float("inf")
     with pytest.raises(WireError, match="non-finite"):
         wire.validate_tensors({**good, "a.weight": bad}, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere(dtype):
+    good = torch.linspace(-3, 3, 4099).to(dtype)
+    assert wire.all_finite(good) and wire.all_finite(torch.empty(0, dtype=dtype))
+    for where in (0, 2048, 4098):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            bad = good.clone()
+            bad[where] = value
+            assert not wire.all_finite(bad), (where, value)
+    big = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)
+    assert wire.all_finite(big)  # finite values whose sum would overflow are still finite
 
 
 def test_header_int_range():

@@ -206,6 +206,7 @@ class AsyncServer(Server):
             "update": self.updates,
             "round": st.round + 1,
             "client_id": task.client_id,
+            "task": task.round,  # the dispatch number: unique per task, so a merge is traceable
             "staleness": staleness,
             "num_examples": result.num_examples,
             "train_loss": result.metrics.get("train_loss"),

@@ -53,7 +53,8 @@ class JsonlSink:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            if record.get("kind", "round") != "update":  # per-update records of async mode
+                os.fsync(fh.fileno())  # are synced with the next round's (a kill keeps both)
 
     def rewrite(self, records: Iterable[Record]) -> None:
         """Replace the file with exactly these records (resume drops rounds past the checkpoint)."""

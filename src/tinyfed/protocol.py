@@ -89,8 +89,9 @@ class ClientResult:
         )
 
 
-def task_frame(task: ClientTask, weights_payload: bytes) -> bytes:
-    return wire.encode_frame(Kind.TASK, task.header(), weights_payload)
+def task_frame(task: ClientTask, weights_payload: bytes, crc: int | None = None) -> bytes:
+    """One client's TASK frame; `crc` is the shared payload's `wire.payload_crc`, if known."""
+    return wire.encode_frame(Kind.TASK, task.header(), weights_payload, crc)
 
 
 ShardSource = Callable[[int], Shard]

@@ -15,6 +15,7 @@ import torch
 from tinyfed.checkpoint import save_weights
 from tinyfed.config import Config
 from tinyfed.experiment import Experiment
+from tinyfed.memtune import keep_freed_memory
 from tinyfed.metrics import EventBus, JsonlSink, Record, human_bytes, rounds_to_target
 from tinyfed.plot import plot_runs
 from tinyfed.progress import Progress
@@ -91,6 +92,7 @@ def execute(
     """Run (or continue) the experiment in `run_dir` to its end and write every output.
     `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server)."""
     configure_threads(config)
+    keep_freed_memory()
     experiment = Experiment.build(config)
     run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
     bus = bus or EventBus()

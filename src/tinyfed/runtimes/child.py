@@ -147,8 +147,10 @@ def main(argv: list[str]) -> int:
     for fd in (read_fd, write_fd):
         os.set_inheritable(fd, False)
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
+    from tinyfed.memtune import keep_freed_memory
     from tinyfed.runtimes import pipeio
 
+    keep_freed_memory()
     try:
         return serve(read_fd, write_fd, num)
     except pipeio.PipeClosed:  # the parent went away while we wrote: nothing left to do

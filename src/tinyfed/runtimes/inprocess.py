@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from tinyfed import protocol
+from tinyfed import protocol, wire
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, ClientWorker, Expectation
 
@@ -19,6 +19,7 @@ class InProcessRuntime:
     def __init__(self, config=None) -> None:
         self.worker: ClientWorker | None = None
         self.queue: deque[tuple[ClientTask, bytes, Expectation]] = deque()
+        self.crc = wire.CrcMemo()
 
     def start(self, experiment: Experiment) -> None:
         ds = experiment.dataset
@@ -26,7 +27,8 @@ class InProcessRuntime:
                                    experiment.shard)
 
     def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        self.queue.append((task, protocol.task_frame(task, weights_payload), expect))
+        frame = protocol.task_frame(task, weights_payload, self.crc(weights_payload))
+        self.queue.append((task, frame, expect))
 
     def pending(self) -> int:
         return len(self.queue)

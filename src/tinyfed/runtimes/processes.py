@@ -180,6 +180,7 @@ class ProcessRuntime:
         self.done: queue.Queue[tuple[int, ClientResult]] = queue.Queue()
         self.jobs: dict[int, Job] = {}  # pending, by token
         self.lock = threading.Lock()
+        self.crc = wire.CrcMemo()  # submit() is called from the server loop only
         self.tokens = itertools.count()
         self.closing = False
         self.spawned: list[Child] = []  # every child ever started, for a last-resort reap
@@ -198,7 +199,8 @@ class ProcessRuntime:
             slot.thread.start()
 
     def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        job = Job(next(self.tokens), task, protocol.task_frame(task, weights_payload), expect,
+        frame = protocol.task_frame(task, weights_payload, self.crc(weights_payload))
+        job = Job(next(self.tokens), task, frame, expect,
                   time.monotonic() + self.config.round_timeout)
         with self.lock:
             self.jobs[job.token] = job

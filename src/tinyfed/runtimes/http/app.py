@@ -19,11 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyfed import __version__
 from tinyfed.metrics import EventBus
+from tinyfed.runtimes.http.asgi import BootHeader, PartsResponse
 from tinyfed.runtimes.http.auth import VIEWER, TokenBook
 from tinyfed.runtimes.http.hub import Hub, Verdict
 
 FRAME = "application/octet-stream"
 MAX_WAIT = 30.0  # longest long-poll a client may ask for, seconds
+UPLOADS = 8  # update bodies read and checked at once
 BOOT_HEADER = "X-Tinyfed-Boot"
 
 
@@ -38,23 +40,25 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 
 def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBus | None = None,
-               max_body: int = 256 << 20) -> FastAPI:
-    """The FastAPI app of one server. `config` is the experiment config served to clients."""
+               max_body: int = 256 << 20, max_uploads: int = UPLOADS) -> FastAPI:
+    """The FastAPI app of one server. `config` is the experiment config served to clients.
+
+    At most `max_uploads` update bodies are read and checked at once; other uploads wait
+    unread (uvicorn stops reading their sockets), so memory does not grow with the number of
+    clients posting at the same moment."""
+    uploads: list[asyncio.Semaphore] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
+        uploads.append(asyncio.Semaphore(max_uploads))
         yield
 
     app = FastAPI(title="tinyfed", version=__version__, debug=False, lifespan=lifespan,
                   description="Federated learning server: clients pull tasks and push updates as "
                               "binary tinyfed wire frames.")
 
-    @app.middleware("http")
-    async def boot_header(request: Request, call_next):
-        response = await call_next(request)
-        response.headers[BOOT_HEADER] = hub.boot_id
-        return response
+    app.add_middleware(BootHeader, name=BOOT_HEADER, value=hub.boot_id)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -118,7 +122,7 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
         headers = {"ETag": snap.etag, "X-Model-Version": str(snap.version)}
         if request.headers.get("if-none-match") == snap.etag:
             return Response(status_code=304, headers=headers)
-        return Response(snap.frame, media_type=FRAME, headers=headers)
+        return PartsResponse((snap.head, snap.payload), media_type=FRAME, headers=headers)
 
     @app.get("/v1/task", summary="Long-poll this client's next TASK frame",
              responses={200: {"content": {FRAME: {}}}, 204: {"description": "no task yet"},
@@ -127,9 +131,9 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
                        wait: float = Query(20.0, ge=0, le=MAX_WAIT)):
         as_client(request, client_id)
         hub.register(client_id)
-        frame = await hub.wait_task(client_id, wait)
-        if frame is not None:
-            return Response(frame, media_type=FRAME)
+        parts = await hub.wait_task(client_id, wait)
+        if parts is not None:
+            return PartsResponse(parts, media_type=FRAME)
         if hub.finished:
             hub.farewell(client_id)
             raise ApiError(410, "the run is over")
@@ -140,11 +144,12 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
                   "type": "string", "format": "binary"}}}, "required": True}})
     async def post_update(request: Request, client_id: int = Query(..., ge=0)):
         as_client(request, client_id)
-        body = await read_limited(request, max_body, hub)
-        try:
-            result = await run_in_threadpool(hub.accept, client_id, body)
-        except Verdict as v:
-            raise ApiError(v.status, v.reason) from None
+        async with uploads[0]:
+            body = await read_limited(request, max_body, hub)
+            try:
+                result = await run_in_threadpool(hub.accept, client_id, body)
+            except Verdict as v:
+                raise ApiError(v.status, v.reason) from None
         return {"accepted": result.ok, "client_id": client_id, "round": result.round,
                 "reason": result.reason or None}
 

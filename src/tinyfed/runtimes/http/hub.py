@@ -14,13 +14,12 @@ import queue
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 from tinyfed import wire
 from tinyfed.errors import WireError
-from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update, task_frame
+from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update
 from tinyfed.wire import Kind
 
 
@@ -29,7 +28,8 @@ class Slot:
     """One published task waiting for its answer."""
 
     task: ClientTask
-    payload: bytes  # the round's shared weights payload; the frame is built per fetch
+    payload: bytes  # the round's shared weights payload, sent after a per-client head
+    crc: int  # the payload's CRC, computed once for every client that shares it
     expect: Expectation
     submitted: float = field(default_factory=time.monotonic)
     bytes_down: int = 0
@@ -38,7 +38,10 @@ class Slot:
 
 @dataclass(frozen=True)
 class ModelSnapshot:
-    frame: bytes
+    """A MODEL frame as its small head and the payload it shares with that version's tasks."""
+
+    head: bytes
+    payload: bytes
     version: int
     etag: str
 
@@ -85,22 +88,24 @@ class Hub:
         self._events: dict[int, asyncio.Event] = {}  # touched on the event loop only
         self._payload_id = 0
         self._farewell: set[int] = set()  # clients told the run is over
+        self._crc = wire.CrcMemo()  # called by the server loop only
 
     # ---- server loop side (main thread) -------------------------------------------------
     def set_model(self, payload: bytes, version: int) -> None:
         """Publish a new snapshot unless this payload is already the one served."""
         if id(payload) == self._payload_id and self.model is not None:
             return
-        frame = wire.encode_frame(Kind.MODEL, {"version": version}, payload)
-        etag = f'"{version}-{zlib.crc32(frame):08x}"'
-        self.model = ModelSnapshot(frame, version, etag)  # one reference assignment
+        crc = self._crc(payload)
+        head = wire.encode_head(Kind.MODEL, {"version": version}, payload, crc)
+        etag = f'"{version}-{crc:08x}"'
+        self.model = ModelSnapshot(head, payload, version, etag)  # one reference assignment
         self._payload_id = id(payload)
 
     def publish(self, task: ClientTask, payload: bytes, expect: Expectation) -> None:
         """Open `task`; memory per open task is its header, the payload is shared."""
         with self._lock:
             old = self._slots.get(task.client_id)
-            self._slots[task.client_id] = Slot(task, payload, expect)
+            self._slots[task.client_id] = Slot(task, payload, self._crc(payload), expect)
             self._outstanding += 1
         if old is not None:
             self.results.put(ClientResult.failure(old.task, "superseded by a newer task",
@@ -134,18 +139,20 @@ class Hub:
             self.loop.call_soon_threadsafe(self._wake_all)
 
     # ---- handler side -------------------------------------------------------------------
-    def take_task(self, client_id: int) -> bytes | None:
+    def take_task(self, client_id: int) -> tuple[bytes, bytes] | None:
+        """This client's TASK frame as (prefix + header, shared payload): never copied whole."""
         with self._lock:
             slot = self._slots.get(client_id)
             if slot is None or slot.checking:
                 return None
-        frame = task_frame(slot.task, slot.payload)
+        head = wire.encode_head(Kind.TASK, slot.task.header(), slot.payload, slot.crc)
         with self._lock:
-            slot.bytes_down += len(frame)
-        return frame
+            slot.bytes_down += len(head) + len(slot.payload)
+        return head, slot.payload
 
-    async def wait_task(self, client_id: int, wait: float) -> bytes | None:
-        """Long-poll: this client's task frame, or None after `wait` seconds or at the end."""
+    async def wait_task(self, client_id: int, wait: float) -> tuple[bytes, bytes] | None:
+        """Long-poll: this client's task frame in two parts, or None after `wait` seconds or at
+        the end."""
         event = self._events.setdefault(client_id, asyncio.Event())
         deadline = time.monotonic() + wait
         while not self.finished:

@@ -22,6 +22,7 @@ import torch
 from tinyfed.config import build_config
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
+from tinyfed.memtune import keep_freed_memory
 from tinyfed.protocol import ClientWorker
 from tinyfed.runtimes.http.app import BOOT_HEADER
 from tinyfed.runtimes.http.hub import peek_header
@@ -153,6 +154,7 @@ class RemoteClient:
         if bad:
             raise ConfigError(f"client id(s) {bad} out of range; the run has clients "
                               f"0..{config.clients - 1}")
+        keep_freed_memory()
         if config.deterministic:
             torch.set_num_threads(1)
             torch.use_deterministic_algorithms(True)
