@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,7 +25,8 @@ from tinyfed.runtimes.http.hub import Hub, Verdict
 
 FRAME = "application/octet-stream"
 MAX_WAIT = 30.0  # longest long-poll a client may ask for, seconds
-UPLOADS = 8  # update bodies read and checked at once
+UPLOADS = 8  # update bodies read at once
+CHECKERS = 2  # threads that decode and validate update frames off the event loop
 BOOT_HEADER = "X-Tinyfed-Boot"
 
 
@@ -45,14 +46,20 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
 
     At most `max_uploads` update bodies are read and checked at once; other uploads wait
     unread (uvicorn stops reading their sockets), so memory does not grow with the number of
-    clients posting at the same moment."""
+    clients posting at the same moment. Frames are checked on `CHECKERS` threads of their own:
+    the event loop stays free, and few threads mean few malloc arenas holding freed buffers
+    (Starlette's 40-thread pool cost 240 MB of peak RSS at 100 clients)."""
     uploads: list[asyncio.Semaphore] = []
+    checkers = ThreadPoolExecutor(CHECKERS, thread_name_prefix="tinyfed-check")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
         uploads.append(asyncio.Semaphore(max_uploads))
-        yield
+        try:
+            yield
+        finally:
+            checkers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tinyfed", version=__version__, debug=False, lifespan=lifespan,
                   description="Federated learning server: clients pull tasks and push updates as "
@@ -147,7 +154,8 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
         async with uploads[0]:
             body = await read_limited(request, max_body, hub)
             try:
-                result = await run_in_threadpool(hub.accept, client_id, body)
+                result = await asyncio.get_running_loop().run_in_executor(
+                    checkers, hub.accept, client_id, body)
             except Verdict as v:
                 raise ApiError(v.status, v.reason) from None
         return {"accepted": result.ok, "client_id": client_id, "round": result.round,
