@@ -108,3 +108,29 @@ def test_header_int_range():
     for bad in (0, 11, "5", 5.0, True, None):
         with pytest.raises(WireError, match="'n'"):
             wire.header_int({"n": bad}, "n", 1, 10)
+
+
+def test_remembered_layout_writes_what_safetensors_writes():
+    """Payloads after the first of a tensor set come from a remembered header: they must stay
+    byte-identical to safetensors' own output, for every dtype and shape, as values change."""
+    from safetensors.torch import save
+
+    def mixed(offset: float) -> dict[str, torch.Tensor]:
+        return {
+            "w": torch.randn(5, 7) + offset, "scalar": torch.tensor(3.5 + offset),
+            "empty": torch.zeros(0, 4), "steps": torch.arange(7) + int(offset),
+            "mask": torch.tensor([True, False, offset > 0]),
+            "bf16": (torch.randn(5) + offset).to(torch.bfloat16),
+            "half": (torch.randn(2, 3) + offset).to(torch.float16),
+            "transposed": (torch.randn(4, 3) + offset).t(),  # not contiguous
+            "grad": torch.randn(2, requires_grad=True),
+        }
+
+    for offset in (0.0, 1.0, -2.0):
+        t = mixed(offset)
+        want = save({k: v.detach().contiguous() for k, v in sorted(t.items())})
+        assert wire.encode_tensors(t) == want
+    first = wire.encode_tensors({"x": torch.ones(3)})
+    assert wire.encode_tensors({"x": torch.full((3,), 2.0)}) != first  # new values, new bytes
+    assert wire.decode_frame(wire.encode_frame(Kind.MODEL, {}, wire.encode_tensors(
+        {"x": torch.full((3,), 2.0)}))).tensors["x"].tolist() == [2.0, 2.0, 2.0]

@@ -11,6 +11,7 @@ updates. Evaluation, records and checkpoints are `Server`'s own.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class AsyncServer(Server):
         self.dispatched = 0
         self.cursor = 0
         self.inflight: dict[int, InFlight] = {}  # client id → its task; insertion = dispatch order
+        self.uses: Counter[int] = Counter()  # model version → in-flight tasks started from it
         self.versions: dict[int, Version] = {}
         self.resubmit: list[ClientTask] = []
         self.window = Window()
@@ -91,8 +93,9 @@ class AsyncServer(Server):
         self.versions[version] = Version(weights, seen, payload)
 
     def prune(self) -> None:
-        """Keep only the current model and those in-flight tasks started from (bounded by M+1)."""
-        keep = {self.version} | {f.task.version for f in self.inflight.values()}
+        """Keep only the current model and those in-flight tasks started from (bounded by M+1).
+        (`handle` drops the one or two models a result can free without this O(M) pass.)"""
+        keep = {self.version} | self.uses.keys()
         for v in [v for v in self.versions if v not in keep]:
             del self.versions[v]
         self.peak_versions = max(self.peak_versions, len(self.versions))
@@ -107,10 +110,12 @@ class AsyncServer(Server):
             if self._perm is None or self._perm[0] != epoch:
                 order = np.random.default_rng([self.cfg.seed, 0xA5, epoch]).permutation(len(ids))
                 self._perm = (epoch, [ids[i] for i in order])
-            self.cursor += 1
-            cid = self._perm[1][pos]
-            if cid not in self.inflight:
-                return cid
+            perm, busy = self._perm[1], self.inflight
+            for i in range(pos, len(perm)):  # with M close to K most are busy: scan, don't loop
+                if perm[i] not in busy:
+                    self.cursor += i - pos + 1
+                    return perm[i]
+            self.cursor += len(perm) - pos
 
     def dispatch(self, client_id: int) -> None:
         self.dispatched += 1
@@ -126,20 +131,24 @@ class AsyncServer(Server):
                              int(self.cfg.max_frame_mb * (1 << 20)))
         self.runtime.submit(task, ver.payload, expect)
         self.inflight[task.client_id] = InFlight(task, time.monotonic() + self.cfg.round_timeout)
+        self.uses[task.version] += 1
 
     def fill(self) -> None:
-        for task in self.resubmit:  # a resumed run's in-flight tasks, as they were
-            self.submit(task)
-        self.resubmit = []
+        if self.resubmit:  # a resumed run's in-flight tasks, as they were
+            for task in self.resubmit:
+                self.submit(task)
+            self.resubmit = []
+            self.prune()
         while len(self.inflight) < self.concurrency:
             self.dispatch(self.next_client())
-        self.prune()
 
     # -- results ------------------------------------------------------------------------------
 
     def next_result(self) -> list[ClientResult]:
-        """The next result, waiting at most until the oldest task's deadline."""
-        timeout = max(0.0, min(f.deadline for f in self.inflight.values()) - time.monotonic())
+        """The next result, waiting at most until the oldest task's deadline (the first in
+        `inflight`: tasks enter it in dispatch order, each with the same timeout)."""
+        oldest = next(iter(self.inflight.values()))
+        timeout = max(0.0, oldest.deadline - time.monotonic())
         results = self.runtime.results(timeout)
         try:
             first = next(results, None)
@@ -157,13 +166,20 @@ class AsyncServer(Server):
             return  # not a task we wait for (a runtime's stray); the model is untouched
         del self.inflight[result.client_id]
         task, w = flight.task, self.window
+        self.uses[task.version] -= 1
+        if not self.uses[task.version]:
+            del self.uses[task.version]
+        version = self.version
         w.bytes_down += result.bytes_down
         w.bytes_up += result.bytes_up
         if not result.ok:
             self.fail(task, result.reason)
         else:
             self.merge(task, result)
-        self.prune()
+        for v in {task.version, version}:  # the models that may have lost their last user
+            if v != self.version and v not in self.uses:
+                self.versions.pop(v, None)
+        self.peak_versions = max(self.peak_versions, len(self.versions))
 
     def fail(self, task: ClientTask, reason: str) -> None:
         self.window.failures.append({"client_id": task.client_id, "task": task.round,

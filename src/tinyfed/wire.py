@@ -21,6 +21,7 @@ import enum
 import json
 import math
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +62,67 @@ class Message:
 
 
 def encode_tensors(tensors: Tensors) -> bytes:
-    """Serialize named tensors as safetensors (contiguous CPU copies, names sorted)."""
+    """Serialize named tensors as safetensors (contiguous CPU copies, names sorted).
+
+    The first time a set of names, dtypes and shapes is seen, safetensors writes the bytes and
+    `Layout` remembers its header and where each tensor's data went; later payloads of the same
+    set (every round's and every async merge's model) are the remembered header with the new
+    data copied in, byte for byte what safetensors writes, at a fifth of its cost."""
     if not tensors:
         return b""
-    return st_save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
+    key = tuple((k, v.dtype, tuple(v.shape)) for k, v in sorted(tensors.items()))
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout.fill(tensors)
+    payload = st_save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
+    layout = Layout.of(payload) if sys.byteorder == "little" else None  # else safetensors swaps
+    if layout is not None:
+        if len(_LAYOUTS) >= MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return payload
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A safetensors header and the order in which the tensors' bytes follow it, back to back."""
+
+    header: bytes
+    order: tuple[str, ...]
+
+    @classmethod
+    def of(cls, payload: bytes) -> Layout | None:
+        """The layout of `payload`, or None if its data is not one dense run after the header."""
+        (head_len,) = struct.unpack("<Q", payload[:8])
+        meta = json.loads(payload[8 : 8 + head_len])
+        spans = sorted((v["data_offsets"], k) for k, v in meta.items() if k != "__metadata__")
+        end = 0
+        for (lo, hi), _ in spans:
+            if lo != end:
+                return None
+            end = hi
+        if 8 + head_len + end != len(payload):
+            return None
+        return cls(bytes(payload[: 8 + head_len]), tuple(k for _, k in spans))
+
+    def fill(self, tensors: Tensors) -> bytes:
+        """The header and each tensor's raw bytes in order, joined in one copy."""
+        return b"".join([self.header, *(raw_bytes(tensors[k]) for k in self.order)])
+
+
+def raw_bytes(tensor: torch.Tensor) -> Any:
+    """A buffer over a tensor's bytes in memory order, without a copy when it is already a
+    contiguous CPU tensor (few torch calls: each one lets other threads take the GIL)."""
+    if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        tensor = tensor.detach().cpu().contiguous()
+    try:
+        return tensor.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16): its bytes as uint8
+        return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+MAX_LAYOUTS = 16  # distinct tensor sets remembered (a run uses one or two: model, codec output)
+_LAYOUTS: dict[tuple, Layout] = {}
 
 
 def payload_crc(payload: bytes | memoryview) -> int:

@@ -7,6 +7,7 @@ binary wire frames (never pickle, never JSON floats).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,6 +37,15 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def no_telemetry() -> dict[str, Any]:
+    """FastAPI's OpenTelemetry hooks switched off where this FastAPI has them (0.165+): they ask
+    the global providers on every request, which costs more than an update's routing, and a
+    tinyfed server reports through its own records."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -63,7 +73,7 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
 
     app = FastAPI(title="tinyfed", version=__version__, debug=False, lifespan=lifespan,
                   description="Federated learning server: clients pull tasks and push updates as "
-                              "binary tinyfed wire frames.")
+                              "binary tinyfed wire frames.", **no_telemetry())
 
     app.add_middleware(BootHeader, name=BOOT_HEADER, value=hub.boot_id)
 

@@ -96,6 +96,7 @@ class HttpRuntime:
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key,
                                 timeout_graceful_shutdown=2, server_header=False,
+                                proxy_headers=False,  # clients are told apart by token, not IP
                                 limit_concurrency=None, backlog=2048)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, args=(sock,), name="tinyfed-http",
