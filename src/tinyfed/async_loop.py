@@ -35,11 +35,12 @@ EXTRA = "async"  # key of the loop's state in RunState.extra
 
 @dataclass
 class Version:
-    """One published global model: exact weights, what clients decode, and its payload."""
+    """One global model: exact weights and, once a task carries it, its payload and what
+    clients decode from it (a model merged over before any task left with it is never encoded)."""
 
     exact: Tensors
-    seen: Tensors
-    payload: bytes
+    seen: Tensors | None = None
+    payload: bytes | None = None
 
 
 @dataclass
@@ -89,8 +90,14 @@ class AsyncServer(Server):
     # -- versions -----------------------------------------------------------------------------
 
     def publish(self, version: int, weights: Tensors) -> None:
-        payload, seen = downlink(weights, self.cfg.down_codec)
-        self.versions[version] = Version(weights, seen, payload)
+        self.versions[version] = Version(weights)
+
+    def encoded(self, version: int) -> Version:
+        """The version with its payload, encoded on first use."""
+        ver = self.versions[version]
+        if ver.payload is None:
+            ver.payload, ver.seen = downlink(ver.exact, self.cfg.down_codec)
+        return ver
 
     def prune(self) -> None:
         """Keep only the current model and those in-flight tasks started from (bounded by M+1).
@@ -126,7 +133,7 @@ class AsyncServer(Server):
         self.submit(task)
 
     def submit(self, task: ClientTask) -> None:
-        ver = self.versions[task.version]
+        ver = self.encoded(task.version)
         expect = Expectation(task, ver.seen, self.exp.spec, self.exp.shard_size(task.client_id),
                              int(self.cfg.max_frame_mb * (1 << 20)))
         self.runtime.submit(task, ver.payload, expect)
@@ -150,12 +157,19 @@ class AsyncServer(Server):
         oldest = next(iter(self.inflight.values()))
         timeout = max(0.0, oldest.deadline - time.monotonic())
         results = self.runtime.results(timeout)
+        ready = getattr(self.runtime, "ready", None)
         try:
             first = next(results, None)
+            batch = [] if first is None else [first]
+            # Results already waiting are taken too (never waited for): merged one by one as
+            # ever, but the tasks that replace them leave once, with the newest model, which is
+            # encoded once.
+            while batch and ready is not None and len(batch) < self.concurrency and ready() > 0:
+                batch.append(next(results))
         finally:
             results.close()
-        if first is not None:
-            return [first]
+        if batch:
+            return batch
         # The runtime holds nothing we wait for: fail them all rather than wait forever.
         return [ClientResult.failure(f.task, "runtime lost the task") for f in
                 self.inflight.values()]
@@ -193,7 +207,7 @@ class AsyncServer(Server):
             )
 
     def merge(self, task: ClientTask, result: ClientResult) -> None:
-        ver = self.versions[task.version]
+        ver = self.encoded(task.version)
         update = result.weights
         if ver.seen is not ver.exact:  # lossy downlink: move the update onto the exact model
             update = rebase(update, ver.seen, ver.exact)
@@ -257,6 +271,8 @@ class AsyncServer(Server):
         while self.updates < self.total and not reached:
             self.fill()
             for result in self.next_result():
+                if self.updates >= self.total or reached:
+                    break  # the rest of a batch stays unmerged, like tasks still in flight
                 rounds = self.state.round
                 self.handle(result)
                 reached = reached or (self.state.round > rounds and self.target_reached())

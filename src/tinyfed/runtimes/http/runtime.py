@@ -90,7 +90,7 @@ class HttpRuntime:
 
             self._dash = Dashboard()
             self._dash.add_bus(self.bus, config=experiment.config, name="run")
-            mount(app, self._dash, "/dashboard")
+            mount(app.app, self._dash, "/dashboard")  # on the FastAPI app behind the hot routes
         sock = bind(opts.host, opts.port)
         port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", access_log=False,
@@ -154,6 +154,10 @@ class HttpRuntime:
 
     def pending(self) -> int:
         return self.hub.outstanding()
+
+    def ready(self) -> int:
+        """Results admitted and waiting: `results()` yields this many without waiting."""
+        return self.hub.results.qsize()
 
     def results(self, timeout: float) -> Iterator[ClientResult]:
         """Results as they arrive. Each task fails once `round_timeout` has passed since it was
