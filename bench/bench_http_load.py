@@ -2,8 +2,9 @@
 task and post a pre-made 2NN-size update frame.
 
 The server process is, by default, the real `--mode async` server (`runner.execute` with the
-FedAsync rule over `HttpRuntime`, `--concurrency` tasks in flight, every admitted update merged,
-re-encoded and served to the next task, evaluation and checkpoints every ~1000 updates).
+FedAsync rule over `HttpRuntime`, `--concurrency` tasks in flight, every admitted update merged
+in float64, the newest model encoded and served to the tasks that replace the merged ones,
+evaluation and checkpoints every ~1000 updates).
 `--server transport` swaps the loop for one that republishes a fixed model: the HTTP layer alone.
 
 Prints accepted updates/s, p50/p99 POST latency, the server's peak RSS, and checks that every

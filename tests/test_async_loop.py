@@ -181,3 +181,31 @@ def test_deadline_passed_is_a_failure_not_a_hang():
     with pytest.raises(RoundFailed):
         s.run()
     assert "deadline" in s.window.failures[0]["reason"]
+
+
+class ReadyRuntime(InProcessRuntime):
+    """In-process, but says every queued task can be taken at once (as the HTTP runtime does
+    for updates already admitted), so the loop takes them as one batch."""
+
+    def ready(self) -> int:
+        return self.pending()
+
+
+def test_waiting_results_are_merged_in_turn_and_replaced_with_one_model(monkeypatch):
+    import tinyfed.async_loop as loop
+
+    encoded: list[int] = []
+    real = loop.downlink
+    monkeypatch.setattr(loop, "downlink", lambda w, spec: encoded.append(1) or real(w, spec))
+    cfg = small_config(rounds=3, async_rule="seed-merge", **ASYNC)  # 6 merges, M=3
+    s = server_for(cfg, ReadyRuntime(cfg))
+    s.run()
+    ups = [r for r in s.state.records if r["kind"] == "update"]
+    assert [r["version"] for r in ups] == [1, 2, 3, 4, 5, 6]  # every result merged, in turn
+    # two batches of M=3 results, each against the model its 3 tasks left with: v0, then v3
+    assert [r["staleness"] for r in ups] == [0, 1, 2, 0, 1, 2]
+    assert len({r["task"] for r in ups}) == 6
+    assert len(encoded) == 2  # v0 and v3 (the run ends with the second batch): not one per merge
+    assert s.peak_versions <= s.concurrency + 1
+    # seed-merge is the running mean of what was merged: check the arithmetic on the result
+    assert s.rule.a == sum(r["num_examples"] for r in ups)

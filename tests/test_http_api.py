@@ -117,6 +117,22 @@ def test_no_task_is_204_with_retry_after(served):
     assert r.status_code == 204 and r.headers["retry-after"] == "1"
 
 
+@pytest.mark.parametrize("params, where", [
+    ({"wait": 1}, "client_id"), ({"client_id": -1}, "client_id"),
+    ({"client_id": "1.5"}, "client_id"), ({"client_id": 0, "wait": 31}, "wait"),
+    ({"client_id": 0, "wait": "nan"}, "wait"), ({"client_id": 0, "wait": "soon"}, "wait")])
+def test_task_and_update_routes_check_their_query(served, params, where):
+    rt, http, _ = served
+    for method in ("GET", "POST"):
+        if method == "POST" and where == "wait":
+            continue
+        path = "/v1/task" if method == "GET" else "/v1/update"
+        r = http.request(method, path, params=params, headers=auth(0), content=b"x")
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith(f"invalid request query.{where}")
+        assert r.headers["x-tinyfed-boot"] == rt.hub.boot_id  # every response, hot or not
+
+
 def test_long_poll_wakes_when_a_task_is_published(served, exp):
     rt, http, _ = served
     got = {}
@@ -243,6 +259,10 @@ def test_openapi_documents_the_routes(served):
     for path in ("/v1/health", "/v1/model", "/v1/task", "/v1/update", "/v1/metrics",
                  "/v1/events", "/v1/register", "/v1/config"):
         assert path in paths
+    task = paths["/v1/task"]["get"]
+    assert [p["name"] for p in task["parameters"]] == ["client_id", "wait"]
+    assert {"200", "204", "401", "403", "410", "422"} <= set(task["responses"])
+    assert "application/octet-stream" in paths["/v1/update"]["post"]["requestBody"]["content"]
     assert http.get("/docs").status_code == 200
 
 
