@@ -32,5 +32,9 @@ class Runtime(Protocol):
     def pending(self) -> int:
         """How many submitted tasks have not produced a result yet."""
 
+    # Optional: `ready() -> int`, how many results `results()` would yield now without waiting
+    # (the HTTP runtime's admitted updates). The async loop then merges them all before it
+    # dispatches their replacements; a runtime without it hands over one result at a time.
+
     def close(self) -> None:
         """Reap everything the runtime started."""
