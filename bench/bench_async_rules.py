@@ -45,8 +45,8 @@ def main() -> None:
             t0 = time.perf_counter()
             res = execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
             secs = time.perf_counter() - t0
-            rounds = [r for r in res.state.records if r["kind"] == "round"]
-            ups = [r for r in res.state.records if r["kind"] == "update"]
+            rounds = [r for r in res.history if r["kind"] == "round"]
+            ups = [r for r in res.history if r["kind"] == "update"]
             stale = sum(r["staleness"] for r in ups) / len(ups) if ups else 0.0
             accs = [r["test_accuracy"] for r in rounds if r["test_accuracy"] is not None]
             mb = (res.state.cum_bytes_down + res.state.cum_bytes_up) / 1e6

@@ -60,14 +60,14 @@ def serve_transport(clients: int) -> None:
     from tinyfed.config import build_config
     from tinyfed.memtune import keep_freed_memory
     from tinyfed.protocol import ClientTask, Expectation
-    from tinyfed.runner import configure_threads
-    from tinyfed.runtimes.http import HttpOptions, HttpRuntime
+    from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
+    from tinyfed.worker import configure_torch
 
     weights = model_2nn()
     spec = wire.spec_of(weights)
     payload = wire.encode_tensors(weights)
     cfg = build_config({"dataset": "synthetic", "clients": clients, "round_timeout": 600})
-    configure_threads(cfg)  # as `tinyfed serve` does: torch's threads, malloc's thresholds
+    configure_torch(cfg)  # as `tinyfed serve` does: torch's threads, malloc's thresholds
     keep_freed_memory()
     rt = HttpRuntime(cfg, HttpOptions(tokens=bench_tokens(clients), announce=False, linger=0.5))
 
@@ -119,7 +119,7 @@ def serve_async(clients: int, concurrency: int, updates: int) -> None:
 
     from tinyfed.config import build_config
     from tinyfed.runner import execute, open_run
-    from tinyfed.runtimes.http import HttpOptions, HttpRuntime
+    from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
 
     every = max(1, 1000 // clients)  # rounds of `clients` merges: evaluate ~every 1000 updates
     folder = tempfile.mkdtemp(prefix="tinyfed-bench-http-")

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/system-deps.sh
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e .
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[all]"
 exec .venv/bin/tinyfed run "$@"

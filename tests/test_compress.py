@@ -258,10 +258,22 @@ def update_frame(codec, tensors, **header):
      "unknown tensors"),
 ])
 def test_malformed_update_is_rejected_by_the_server(codec, tensors, msg):
-    task = ClientTask(1, 1, 0, small_settings())
+    task = ClientTask(1, 1, 0, small_settings(), codec)
     exp = Expectation(task, REF, wire.spec_of(REF), max_examples=100)
     result: ClientResult = read_update(update_frame(codec, tensors), exp)
     assert not result.ok and result.reason.startswith("rejected update") and msg in result.reason
+
+
+@pytest.mark.parametrize("sent", ["", "delta", "delta+topk:0.5", "fp16"])
+def test_update_in_another_codec_than_its_task_is_refused(sent):
+    """A client may not bypass the run's byte budget by sending dense fp32 (or anything but
+    the codec its task named)."""
+    task = ClientTask(1, 1, 0, small_settings(), "delta+topk:0.25+int8")
+    exp = Expectation(task, REF, wire.spec_of(REF), max_examples=100)
+    tensors = parse_pipeline(sent).encode({k: v + 1 for k, v in REF.items()}, REF, {})
+    result = read_update(update_frame(sent, tensors), exp)
+    assert not result.ok
+    assert f"update codec {sent!r} differs from its task's 'delta+topk:0.25+int8'" in result.reason
 
 
 def small_settings():

@@ -201,7 +201,7 @@ def test_payload_bytes_is_the_encoded_initial_model():
 
 def test_bus_watch_sends_resumed_history_and_live_records_once(tmp_path):
     bus = EventBus()
-    bus.history.extend([rec(1), rec(2)])  # what execute() does on resume, without publishing
+    bus.preload([rec(1), rec(2)])  # what execute() does on resume, without publishing
     hub = Hub()
     watch = RunWatch(hub, "live", tmp_path, bus=bus, config=small_config())
     bus.publish(rec(3))

@@ -1,6 +1,7 @@
 """Aggregation arithmetic against hand computation."""
 
 import numpy as np
+import pytest
 import torch
 
 from tinyfed.metrics import rounds_to_target
@@ -67,3 +68,16 @@ def test_rounds_to_target_interpolates_monotone_curve():
     assert abs(rounds_to_target(recs, 0.85) - 3.5) < 1e-9
     assert rounds_to_target(recs, 0.95) is None
     assert rounds_to_target(recs, 0.8) == 2.0
+
+
+def test_rounds_to_target_never_interpolates_before_the_first_evaluation():
+    # 0.95 at round 1 with target 0.90 is round 1, not 0.947 (toward an invented (0, 0%))
+    assert rounds_to_target([{"round": 1, "test_accuracy": 0.95}], 0.90) == 1.0
+    # evaluated every 5 rounds: the first point (round 5) is the answer when it is above
+    recs = [{"round": 5, "test_accuracy": 0.92}, {"round": 10, "test_accuracy": 0.96}]
+    assert rounds_to_target(recs, 0.90) == 5.0
+    assert rounds_to_target(recs, 0.94) == pytest.approx(7.5)  # between the two evaluated points
+    # rounds without evaluation (None) are not points
+    recs = [{"round": 1, "test_accuracy": 0.5}, {"round": 2, "test_accuracy": None},
+            {"round": 3, "test_accuracy": 0.7}]
+    assert rounds_to_target(recs, 0.6) == pytest.approx(2.0)

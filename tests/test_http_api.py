@@ -21,8 +21,8 @@ from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
 from tinyfed.protocol import ClientWorker
-from tinyfed.runtimes.http import HttpOptions, HttpRuntime
 from tinyfed.runtimes.http.auth import TokenBook, parse_tokens, read_tokens
+from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
 from tinyfed.wire import Kind
 
 FRAME = {"Content-Type": "application/octet-stream"}
@@ -225,7 +225,8 @@ def test_bad_frames_are_422_counted_and_never_accepted(served, exp):
             fetch(http, 0)
             msg = wire.decode_frame(body) if case != "garbage" else None
             if msg is not None:
-                body = wire.encode_frame(Kind.UPDATE, {**msg.header, "round": rnd},
+                body = wire.encode_frame(Kind.UPDATE, {**msg.header, "round": rnd,
+                                                       "version": rnd - 1},
                                          wire.encode_tensors(msg.tensors))
         r = post(http, 0, body)
         statuses[case] = (r.status_code, r.json()["error"])

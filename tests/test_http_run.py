@@ -130,7 +130,7 @@ def test_client_killed_mid_round_is_dropped_at_the_deadline(tmp_path, procs):
 def test_async_run_over_http_merges_every_update(tmp_path):
     res = run_with("http", tmp_path / "async", workers=2, mode="async", async_rule="fedasync",
                    rounds=2)
-    recs = res.state.records
+    recs = res.history
     updates = [r for r in recs if r.get("kind") == "update"]
     assert [r["round"] for r in recs if r.get("kind", "round") == "round"] == [1, 2]
     assert len(updates) == 2 * 4 and [u["update"] for u in updates] == list(range(1, 9))

@@ -83,7 +83,7 @@ def test_deterministic_run_is_bit_identical_to_inprocess(tmp_path):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-queue", "client-per-worker"])
 def test_more_clients_than_workers(tmp_path, monkeypatch, shared):
     if not shared:  # make 'delta' count as stateful, so clients stick to worker id % 2
-        monkeypatch.setattr(processes, "STATELESS_CODECS", set())
+        monkeypatch.setattr(processes, "stateless", lambda codec: False)
     over = dict(deterministic=True, clients=5, rounds=2, codec="delta")
     base = run(tmp_path, "inproc", **over)
     proc = run(tmp_path, "procs", runtime="processes", workers=2, **over)
@@ -137,7 +137,7 @@ def run_and_kill(tmp_path: Path, mark: Path, **over):
 
 @pytest.mark.parametrize("respawn", [True, False], ids=["respawn", "no-respawn"])
 def test_child_sigkilled_mid_round(tmp_path, monkeypatch, respawn):
-    monkeypatch.setattr(processes, "STATELESS_CODECS", set())  # client 1 always on worker 1
+    monkeypatch.setattr(processes, "stateless", lambda codec: False)  # client 1 always on worker 1
     mark = fault_env(monkeypatch, tmp_path, "hang:1:1")
     result, killed = run_and_kill(tmp_path, mark, runtime="processes", workers=2, rounds=2,
                                   respawn=respawn, codec="delta")

@@ -69,9 +69,13 @@ def test_same_seed_same_model_bit_for_bit(tmp_path):
 
 
 def test_fedsgd_is_one_full_batch_step(tmp_path):
-    res = run_api(tmp_path, "sgd", batch_size=0, rounds=1, clients=2)
-    # each of the 2 clients holds 300 examples: one step each
+    res = run_api(tmp_path, "sgd", batch_size=0, rounds=2, clients=2)
+    # each of the 2 clients holds 300 examples and takes one full-batch step per round
+    assert [r["steps"] for r in res.state.records] == [2, 2]
     assert all(r["num_examples"] == 600 for r in res.state.records)
+    # against minibatches of 10: 30 steps per client per epoch, E=2 doubles them
+    mini = run_api(tmp_path, "mini", batch_size=10, epochs=2, rounds=1, clients=2)
+    assert mini.state.records[0]["steps"] == 2 * 2 * 30
 
 
 def test_target_accuracy_stops_early(tmp_path):

@@ -5,28 +5,27 @@ folded into the global model by an async rule (seed-merge, FedAsync, FedBuff) an
 ``kind: "update"`` record; every ``clients_per_round`` merged updates make one "round" — an
 evaluation, a ``kind: "round"`` record (what the console, plot and dashboard show) and, every
 ``checkpoint_every`` of those, a checkpoint. The run lasts ``rounds × clients_per_round`` merged
-updates. Evaluation, records and checkpoints are `Server`'s own.
+updates. Evaluation, records, checkpoints and resume are the run core's (`core.RunCore`), shared
+with synchronous rounds; this module is only the policy of what leaves when and how it merges.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
-from tinyfed.checkpoint import save_checkpoint, save_weights
 from tinyfed.client import task_seed
-from tinyfed.compress import downlink, rebase
+from tinyfed.compress import downlink
+from tinyfed.core import RoundFailed, RunCore, RunState, Tally
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, Record
-from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.protocol import ClientResult, ClientTask
 from tinyfed.runtimes.base import Runtime
-from tinyfed.server import RoundFailed, Server
 from tinyfed.strategies.async_merge import AsyncRule
 from tinyfed.wire import Tensors
 
@@ -50,26 +49,25 @@ class InFlight:
 
 
 @dataclass
-class Window:
-    """What happened since the last round record."""
+class Window(Tally):
+    """What happened since the last round record (a round's tally plus staleness)."""
 
-    start: float = field(default_factory=time.monotonic)
-    ok: int = 0
-    examples: int = 0
-    loss_sum: float = 0.0
     staleness_sum: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
-class AsyncServer(Server):
-    """Runs asynchronous merging over any runtime (replaces `Server.run`, keeps the rest)."""
+MAX_UPDATE_RECORDS = 10_000  # per-update records kept in memory (all are in metrics.jsonl)
+
+
+class AsyncServer:
+    """Runs asynchronous merging over any runtime."""
 
     def __init__(self, experiment: Experiment, runtime: Runtime, rule: AsyncRule,
                  bus: EventBus, checkpoint_dir: Path | None = None):
-        super().__init__(experiment, runtime, rule, bus, checkpoint_dir)  # type: ignore[arg-type]
+        self.core = RunCore(experiment, bus, checkpoint_dir)
+        self.exp, self.cfg = experiment, experiment.config
+        self.runtime = runtime
         self.rule = rule
+        self.update_records: deque[Record] = deque(maxlen=MAX_UPDATE_RECORDS)
         cfg = self.cfg
         self.concurrency = min(cfg.concurrency or cfg.clients_per_round, cfg.clients)
         self.total = cfg.rounds * cfg.clients_per_round
@@ -86,6 +84,14 @@ class AsyncServer(Server):
         self.peak_versions = 0
         self._perm: tuple[int, list[int]] | None = None
         self.publish(0, self.state.weights)
+
+    @property
+    def state(self) -> RunState:
+        return self.core.state
+
+    @property
+    def stop_reason(self) -> str:
+        return self.core.stop_reason
 
     # -- versions -----------------------------------------------------------------------------
 
@@ -128,15 +134,13 @@ class AsyncServer(Server):
         self.dispatched += 1
         n = self.dispatched
         task = ClientTask(client_id, n, task_seed(self.cfg.seed, n, client_id),
-                          self.settings(self.state.round + 1), self.cfg.codec,
+                          self.core.settings(self.state.round + 1), self.cfg.codec,
                           version=self.version, down_codec=self.cfg.down_codec)
         self.submit(task)
 
     def submit(self, task: ClientTask) -> None:
         ver = self.encoded(task.version)
-        expect = Expectation(task, ver.seen, self.exp.spec, self.exp.shard_size(task.client_id),
-                             int(self.cfg.max_frame_mb * (1 << 20)))
-        self.runtime.submit(task, ver.payload, expect)
+        self.runtime.submit(task, ver.payload, self.core.expectation(task, ver.seen))
         self.inflight[task.client_id] = InFlight(task, time.monotonic() + self.cfg.round_timeout)
         self.uses[task.version] += 1
 
@@ -184,8 +188,10 @@ class AsyncServer(Server):
         if not self.uses[task.version]:
             del self.uses[task.version]
         version = self.version
-        w.bytes_down += result.bytes_down
-        w.bytes_up += result.bytes_up
+        w.count_bytes(result)
+        if result.ok:
+            ver = self.encoded(task.version)
+            result = self.core.admit(result, ver.seen, ver.exact)
         if not result.ok:
             self.fail(task, result.reason)
         else:
@@ -196,8 +202,7 @@ class AsyncServer(Server):
         self.peak_versions = max(self.peak_versions, len(self.versions))
 
     def fail(self, task: ClientTask, reason: str) -> None:
-        self.window.failures.append({"client_id": task.client_id, "task": task.round,
-                                     "reason": reason})
+        self.window.failure(task.client_id, reason, task=task.round)
         self.consecutive_failures += 1
         limit = (self.cfg.round_retries + 1) * self.concurrency
         if self.consecutive_failures >= limit:
@@ -207,13 +212,10 @@ class AsyncServer(Server):
             )
 
     def merge(self, task: ClientTask, result: ClientResult) -> None:
-        ver = self.encoded(task.version)
-        update = result.weights
-        if ver.seen is not ver.exact:  # lossy downlink: move the update onto the exact model
-            update = rebase(update, ver.seen, ver.exact)
+        ver = self.versions[task.version]
         staleness = self.version - task.version
-        new = self.rule.merge(self.state.weights, update, result.num_examples, staleness,
-                              ver.exact)
+        new = self.rule.merge(self.state.weights, result.weights, result.num_examples,
+                              staleness, ver.exact)
         if new is not None:
             self.version += 1
             self.state.weights = new
@@ -221,11 +223,9 @@ class AsyncServer(Server):
         self.updates += 1
         self.consecutive_failures = 0
         w = self.window
-        w.ok += 1
-        w.examples += result.num_examples
-        w.loss_sum += result.metrics.get("train_loss", 0.0) * result.num_examples
+        w.success(result)
         w.staleness_sum += staleness
-        self.bus.publish(self.update_record(task, result, staleness))
+        self.core.publish(self.update_record(task, result, staleness))
         if self.updates % self.cfg.clients_per_round == 0:
             self.end_round()
 
@@ -239,7 +239,7 @@ class AsyncServer(Server):
             "task": task.round,  # the dispatch number: unique per task, so a merge is traceable
             "staleness": staleness,
             "num_examples": result.num_examples,
-            "train_loss": result.metrics.get("train_loss"),
+            "train_loss": result.metrics.get("train_loss"),  # finite: check_metrics
             "version": self.version,
             "bytes_down": result.bytes_down,
             "bytes_up": result.bytes_up,
@@ -248,26 +248,24 @@ class AsyncServer(Server):
             "time": time.time(),
             "elapsed_seconds": st.elapsed + time.monotonic() - w.start,
         }
-        st.records.append(record)
+        self.update_records.append(record)
         return record
 
     def end_round(self) -> None:
         w = self.window
         round_num = self.updates // self.cfg.clients_per_round
-        tried = [0] * (w.ok + len(w.failures))
-        record = self.make_record(round_num, tried, w.ok, w.failures, w.examples, w.loss_sum,
-                                  w.bytes_down, w.bytes_up, time.monotonic() - w.start)
+        record = self.core.round_record(round_num, w, w.ok + len(w.failures))
         record.update(mode="async", updates=self.updates, version=self.version,
                       mean_staleness=w.staleness_sum / w.ok if w.ok else None)
         self.window = Window()
-        self.finish_round(round_num, record)
+        self.core.finish_round(round_num, record, *self.policy_state())
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self):
         """Merged updates from the state's count to rounds × clients_per_round, or to target."""
         self.window.start = time.monotonic()  # time spent starting the runtime is no round's
-        reached = self.target_reached()
+        reached = self.core.target_reached()
         while self.updates < self.total and not reached:
             self.fill()
             for result in self.next_result():
@@ -275,44 +273,31 @@ class AsyncServer(Server):
                     break  # the rest of a batch stays unmerged, like tasks still in flight
                 rounds = self.state.round
                 self.handle(result)
-                reached = reached or (self.state.round > rounds and self.target_reached())
-        self.stop_reason = "target accuracy reached" if reached else "all updates merged"
+                reached = reached or (self.state.round > rounds and self.core.target_reached())
+        self.core.stop_reason = "target accuracy reached" if reached else "all updates merged"
         return self.state
 
     # -- checkpoint and resume ----------------------------------------------------------------
 
-    def checkpoint(self) -> None:
-        """Weights and records as in sync mode, plus the loop's counters, every in-flight task
-        with the model it started from, and the rule's tensors (FedBuff's buffer), so a resumed
-        in-process run redoes exactly what the uninterrupted run would have."""
-        assert self.checkpoint_dir is not None
+    def policy_state(self) -> tuple[dict[str, Any], Tensors]:
+        """The loop's counters, every in-flight task with the model it started from, and the
+        rule's tensors (FedBuff's buffer), so a resumed in-process run redoes exactly what the
+        uninterrupted run would have."""
         tensors = {f"rule.{k}": v for k, v in self.rule.tensor_state().items()}
         for v in sorted({f.task.version for f in self.inflight.values()} - {self.version}):
             tensors.update({f"base.{v}.{k}": t for k, t in self.versions[v].exact.items()})
-        name = f"async-{self.state.round:06d}.safetensors"
-        if tensors:
-            save_weights(self.checkpoint_dir / name, tensors)
-        self.state.strategy_state = self.rule.state_dict()
-        self.state.extra[EXTRA] = {
-            "version": self.version,
-            "updates": self.updates,
-            "dispatched": self.dispatched,
-            "cursor": self.cursor,
-            "inflight": [f.task.header() for f in self.inflight.values()],
-            "tensors": name if tensors else None,
-        }
-        save_checkpoint(self.checkpoint_dir, self.state.round, self.state.weights,
-                        self.state.to_json(), keep=self.cfg.keep_checkpoints)
-        self.prune_files()
+        saved = {"version": self.version, "updates": self.updates,
+                 "dispatched": self.dispatched, "cursor": self.cursor,
+                 "inflight": [f.task.header() for f in self.inflight.values()]}
+        return {"strategy": self.rule.state_dict(), EXTRA: saved}, tensors
 
-    def prune_files(self) -> None:
-        rounds = {p.name.removeprefix("round-") for p in self.checkpoint_dir.glob("round-*")}
-        for p in self.checkpoint_dir.glob("async-*.safetensors"):
-            if p.name.removeprefix("async-") not in rounds:
-                p.unlink(missing_ok=True)
+    def checkpoint(self) -> None:
+        self.core.checkpoint(*self.policy_state())
 
-    def resume_from(self, state) -> None:
-        super().resume_from(state)
+    def resume(self, weights: Tensors, data: dict[str, Any], records: list[Record]) -> None:
+        state, tensors = self.core.resume(weights, data, records)
+        self.rule.load_state_dict(state.strategy_state)
+        self.update_records.extend(r for r in records if r.get("kind") == "update")
         saved = state.extra.get(EXTRA)
         if not saved:
             return
@@ -320,9 +305,6 @@ class AsyncServer(Server):
         self.updates = int(saved["updates"])
         self.dispatched = int(saved["dispatched"])
         self.cursor = int(saved["cursor"])
-        tensors: Tensors = {}
-        if saved.get("tensors"):
-            tensors = load_file(str(self.checkpoint_dir / saved["tensors"]))
         self.rule.load_tensor_state({k.removeprefix("rule."): v for k, v in tensors.items()
                                      if k.startswith("rule.")})
         self.versions = {}

@@ -296,6 +296,12 @@ class Pipeline:
     def spec(self) -> str:
         return "+".join(c.spec for c in self.codecs)
 
+    @property
+    def stateful(self) -> bool:
+        """True when the sender keeps per-client memory (top-k's residual): that client's
+        tasks must then go to the same worker every time."""
+        return any(hasattr(c, "STATE") for c in self.codecs)
+
     def encode(self, tensors: Tensors, reference: Tensors, state: dict | None = None) -> Tensors:
         ctx = CodecContext(reference, state if state is not None else {})
         for codec in self.codecs:

@@ -87,6 +87,10 @@ class Config(BaseModel):
     codec: str = ""
     down_codec: str = ""
     max_frame_mb: float = Field(256.0, gt=0)
+    max_weight: float = Field(1e6, gt=0, description="largest |value| an update's tensor may hold")
+    norm_ratio: float = Field(
+        100.0, ge=0, description="refuse an update moving the model further than this × the "
+        "recent median (0 = off)")
     # output
     out: str | None = None
 
@@ -128,6 +132,11 @@ class Config(BaseModel):
         if self.dataset == "cifar10" and self.model in ("mlp", "mlp128", "cnn"):
             raise ValueError(f"model {self.model} takes 1×28×28 images; use cifar_cnn for cifar10")
         return self
+
+    @property
+    def max_frame(self) -> int:
+        """`max_frame_mb` in bytes: the largest frame any reader accepts."""
+        return int(self.max_frame_mb * (1 << 20))
 
     @property
     def clients_per_round(self) -> int:

@@ -7,6 +7,7 @@ after every check passes.
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,10 +177,53 @@ class Expectation:
     spec: dict[str, TensorSpec]
     max_examples: int
     max_frame: int = wire.DEFAULT_MAX_FRAME
+    max_abs: float = wire.DEFAULT_MAX_ABS  # largest |value| a decoded float tensor may hold
+
+
+# Metrics a client reports, with the range each must fall in; any other name is refused.
+METRICS: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, 1e9),
+    "steps": (0.0, 1e12),
+}
+
+
+def check_metrics(raw: Any) -> dict[str, float]:
+    """A client's metrics as finite floats within their declared ranges, or WireError naming
+    the field: a NaN or huge loss would otherwise poison the round's record and checkpoint."""
+    if not isinstance(raw, dict):
+        raise WireError(f"header field 'metrics' must be an object, got {type(raw).__name__}")
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        bounds = METRICS.get(key)
+        if bounds is None:
+            raise WireError(f"metric {str(key)[:40]!r} is not known; allowed: "
+                            f"{', '.join(sorted(METRICS))}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise WireError(f"metric {key!r} must be a number, got {type(value).__name__}")
+        lo, hi = bounds
+        number = float(value) if abs(value) <= hi else math.inf  # float(10**400) would raise
+        if not lo <= number <= hi:
+            raise WireError(f"metric {key!r} = {str(value)[:24]} is outside [{lo:g}, {hi:g}]")
+        out[key] = number
+    return out
 
 
 def check_update(frame: bytes, exp: Expectation) -> ClientResult:
-    """Decode and validate an update frame; raise WireError for anything not admissible."""
+    """Decode and validate an update frame; raise WireError for anything not admissible.
+
+    The one boundary every client byte crosses: whatever a decoder below raises (a tensor op
+    on hostile shapes, a library's own error type) comes out as WireError, so no runtime's
+    reader thread or request handler ever dies of a client's frame."""
+    try:
+        return _check_update(frame, exp)
+    except WireError:
+        raise
+    except (Exception, RecursionError) as exc:  # noqa: BLE001
+        raise WireError(f"update cannot be decoded: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+
+
+def _check_update(frame: bytes, exp: Expectation) -> ClientResult:
     msg = wire.decode_frame(frame, exp.max_frame)
     if msg.kind == Kind.FAILURE:
         reason = str(msg.header.get("reason", "client reported failure"))[:500]
@@ -195,16 +239,16 @@ def check_update(frame: bytes, exp: Expectation) -> ClientResult:
         raise WireError(f"update is for round {rnd}; expected round {exp.task.round}")
     n = wire.header_int(h, "num_examples", 1, exp.max_examples)
     codec = h.get("codec", "")
-    if not isinstance(codec, str):
-        raise WireError("header field 'codec' must be a string")
+    if codec != exp.task.codec:
+        raise WireError(f"update codec {str(codec)[:40]!r} differs from its task's "
+                        f"{exp.task.codec!r}")
+    version = h.get("version", exp.task.version)
+    if version != exp.task.version:
+        raise WireError(f"update is for model version {str(version)[:20]}; the task sent "
+                        f"version {exp.task.version}")
+    metrics = check_metrics(h.get("metrics", {}))
     decoded = parse_pipeline(codec, WireError).decode(msg.tensors, exp.reference)
-    wire.validate_tensors(decoded, exp.spec)
-    metrics = h.get("metrics", {})
-    metrics = (
-        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if isinstance(metrics, dict)
-        else {}
-    )
+    wire.validate_tensors(decoded, exp.spec, max_abs=exp.max_abs)
     return ClientResult(
         cid, rnd, True, decoded, n, metrics, bytes_up=len(frame), version=exp.task.version
     )

@@ -10,40 +10,49 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import torch
-
 from tinyfed.checkpoint import save_weights
 from tinyfed.config import Config
+from tinyfed.core import RunState
 from tinyfed.experiment import Experiment
+from tinyfed.extras import missing_extra
 from tinyfed.memtune import keep_freed_memory
-from tinyfed.metrics import EventBus, JsonlSink, Record, human_bytes, rounds_to_target
-from tinyfed.plot import plot_runs
+from tinyfed.metrics import (
+    EventBus,
+    JsonlSink,
+    Record,
+    human_bytes,
+    read_records,
+    records_at,
+    rounds_to_target,
+)
 from tinyfed.progress import Progress
 from tinyfed.rundir import RunDir
 from tinyfed.runtimes import make_runtime
 from tinyfed.runtimes.base import Runtime
-from tinyfed.server import RunState, Server
+from tinyfed.server import Server
 from tinyfed.strategies import make_async_rule, make_strategy
 from tinyfed.wire import encode_tensors
+from tinyfed.worker import configure_torch
 
 
 @dataclass
 class RunResult:
+    """What a finished run leaves: its folder, final state (weights, round records) and why
+    it stopped; `history` reads every record back from metrics.jsonl."""
+
     run_dir: RunDir
     state: RunState
     experiment: Experiment
     stop_reason: str
 
+    @property
+    def weights(self) -> dict:
+        return self.state.weights
 
-def configure_threads(config: Config) -> None:
-    """One torch thread per client when results must be bit-identical across runtimes; else
-    `threads` (1 by default: the small models train faster on one thread than on two, see
-    docs/benchmarks.md, and the server leaves a core to other clients' processes)."""
-    if config.deterministic:
-        torch.set_num_threads(1)
-        torch.use_deterministic_algorithms(True)
-    elif config.threads:
-        torch.set_num_threads(config.threads)
+    @property
+    def history(self) -> list[Record]:
+        """Every record of the run (async runs: per update too), from its metrics file."""
+        return read_records(self.run_dir.metrics)[0]
 
 
 def open_run(
@@ -56,16 +65,18 @@ def open_run(
     return run_dir, run_dir.saved_config()
 
 
-def restore(server: Server, run_dir: RunDir, sink: JsonlSink) -> None:
-    """Continue from the newest checkpoint; metrics after it are dropped, then redone."""
+def restore(server, run_dir: RunDir, sink: JsonlSink, bus: EventBus) -> None:
+    """Continue from the newest checkpoint: records are rebuilt from metrics.jsonl and cut at
+    the checkpoint (rounds after it are redone, not duplicated)."""
     found = run_dir.latest()
     if found is None:
         sink.rewrite([])
         return
     weights, data = found
-    state = RunState.from_json(weights, data)
-    server.resume_from(state)
-    sink.rewrite(state.records)
+    records = records_at(run_dir.metrics, data)
+    server.resume(weights, data, records)
+    sink.rewrite(records)
+    bus.preload(records)
 
 
 def make_server(
@@ -91,7 +102,7 @@ def execute(
 ) -> RunResult:
     """Run (or continue) the experiment in `run_dir` to its end and write every output.
     `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server)."""
-    configure_threads(config)
+    configure_torch(config)
     keep_freed_memory()
     experiment = Experiment.build(config)
     run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
@@ -100,12 +111,10 @@ def execute(
     runtime = runtime or make_runtime(config.runtime, config)
     server = make_server(config, experiment, runtime, bus, run_dir)
     if resuming:
-        restore(server, run_dir, sink)
+        restore(server, run_dir, sink, bus)
     else:
         sink.rewrite([])
-    for record in server.state.records:
-        bus.history.append(record)
-    bus.subscribe(sink)
+    bus.subscribe(sink, essential=True)
     for sub in subscribers:
         bus.subscribe(sub)
     title = (
@@ -121,8 +130,20 @@ def execute(
     finally:
         runtime.close()
     save_weights(run_dir.model, server.state.weights)
-    plot_runs({run_dir.path.name: server.state.records}, run_dir.plot)
+    write_plot(run_dir, server.state.records)
     return RunResult(run_dir, server.state, experiment, server.stop_reason)
+
+
+def write_plot(run_dir: RunDir, records: list[Record]) -> bool:
+    """result.png, unless this install has no plotting extra (a device's core install)."""
+    try:
+        from tinyfed.plot import plot_runs
+    except ModuleNotFoundError as exc:
+        if missing_extra(exc) != "plot":
+            raise
+        return False
+    plot_runs({run_dir.path.name: records}, run_dir.plot)
+    return True
 
 
 def summary(result: RunResult) -> str:
@@ -162,7 +183,9 @@ def summary(result: RunResult) -> str:
         f"traffic estimate W·C·R = {human_bytes(w)} × {cfg.clients_per_round} × {rounds} = "
         f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total (fp32, no codec)",
         f"wall time        {st.elapsed:.1f} s in rounds",
-        f"outputs          {result.run_dir.metrics.name}, {result.run_dir.plot.name}, "
-        f"{result.run_dir.model.name}, checkpoints/",
+        f"outputs          {result.run_dir.metrics.name}, "
+        + (f"{result.run_dir.plot.name}, " if result.run_dir.plot.exists()
+           else 'no plot (pip install "tinyfed[plot]"), ')
+        + f"{result.run_dir.model.name}, checkpoints/",
     ]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ PREFIX = struct.Struct("<4sBBxxIQI")
 PREFIX_SIZE = PREFIX.size  # 24 bytes
 MAX_HEADER = 1 << 20
 DEFAULT_MAX_FRAME = 256 << 20
+DEFAULT_MAX_ABS = 1e6  # largest |weight| an update may carry (config `max_weight`)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -185,6 +187,62 @@ def frame_length(prefix: bytes, max_size: int = DEFAULT_MAX_FRAME) -> int:
     return total
 
 
+MAX_DEPTH = 8  # nesting a header may have (task settings and metrics need 3)
+MAX_DIGITS = 40  # digits an integer in a header may have (ids, seeds and counts need 20)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise WireError(f"frame header has an integer of {len(text)} digits; at most "
+                        f"{MAX_DIGITS} allowed")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WireError(f"frame header has a number out of range ({text[:20]}…)")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise WireError(f"frame header has {name}; only finite numbers are allowed")
+
+
+def _depth_ok(text: str) -> bool:
+    """True when brackets nest at most MAX_DEPTH deep (a bound checked before json recurses;
+    brackets inside strings only make it stricter, never looser)."""
+    depth = 0
+    for ch in re.finditer(r"[\[\]{}]", text):
+        depth += 1 if ch.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            return False
+    return True
+
+
+def decode_header(head: bytes) -> dict[str, Any]:
+    """A frame's JSON header as a dict, or WireError: bounded in size, nesting and digits, with
+    no NaN, Infinity or overflowing number (what `json.loads` alone lets through or dies on)."""
+    if len(head) > MAX_HEADER:
+        raise WireError(f"frame header of {len(head)} bytes exceeds {MAX_HEADER}")
+    try:
+        text = head.decode()
+    except UnicodeDecodeError as exc:
+        raise WireError(f"frame header is not UTF-8: {exc}") from None
+    if not _depth_ok(text):
+        raise WireError(f"frame header nests deeper than {MAX_DEPTH} levels")
+    try:
+        header = json.loads(text, parse_int=_bounded_int, parse_float=_finite_float,
+                            parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise WireError(f"frame header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise WireError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    return header
+
+
 def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     """Parse and check a whole frame: size, magic, version, kind, checksum, header, payload."""
     if len(data) < PREFIX_SIZE:
@@ -197,12 +255,7 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     payload = bytes(data[PREFIX_SIZE + head_len :])
     if crc32(head, crc32(payload)) != crc:
         raise WireError("frame checksum mismatch: the message was corrupted in transit")
-    try:
-        header = json.loads(head.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"frame header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireError("frame header must be a JSON object")
+    header = decode_header(head)
     tensors: Tensors = {}
     if payload:
         try:
@@ -223,17 +276,21 @@ def spec_of(tensors: Tensors) -> dict[str, TensorSpec]:
     return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no value is NaN or ±Inf. One min/max pass (NaN propagates through it) costs a
-    twentieth of `isfinite().all()`, which builds a boolean copy; this runs on every update."""
+def all_finite(tensor: torch.Tensor, max_abs: float = math.inf) -> bool:
+    """True when no value is NaN or ±Inf (or beyond ±max_abs). One min/max pass (NaN propagates
+    through it) costs a twentieth of `isfinite().all()`, which builds a boolean copy; this runs
+    on every update."""
     if tensor.numel() == 0:
         return True
     lo, hi = torch.aminmax(tensor)
-    return math.isfinite(lo) and math.isfinite(hi)
+    lo, hi = float(lo), float(hi)
+    return math.isfinite(lo) and math.isfinite(hi) and -max_abs <= lo and hi <= max_abs
 
 
-def validate_tensors(tensors: Tensors, spec: dict[str, TensorSpec], what: str = "update") -> None:
-    """Reject unknown or missing names, wrong shapes or dtypes, and non-finite values."""
+def validate_tensors(tensors: Tensors, spec: dict[str, TensorSpec], what: str = "update",
+                     max_abs: float = math.inf) -> None:
+    """Reject unknown or missing names, wrong shapes or dtypes, non-finite values and values
+    beyond ±max_abs (finite but huge weights make the next evaluation's loss NaN)."""
     unknown = sorted(set(tensors) - set(spec))
     if unknown:
         raise WireError(f"{what} has unknown tensors {unknown[:5]}; expected {sorted(spec)[:5]}…")
@@ -248,8 +305,9 @@ def validate_tensors(tensors: Tensors, spec: dict[str, TensorSpec], what: str = 
             )
         if got.dtype != want.dtype:
             raise WireError(f"{what} tensor {name!r} has dtype {got.dtype}; expected {want.dtype}")
-        if got.is_floating_point() and not all_finite(got):
-            raise WireError(f"{what} tensor {name!r} has non-finite values (NaN or Inf)")
+        if got.is_floating_point() and not all_finite(got, max_abs):
+            bound = "" if math.isinf(max_abs) else f" or beyond ±{max_abs:g}"
+            raise WireError(f"{what} tensor {name!r} has non-finite values (NaN or Inf){bound}")
 
 
 def header_int(header: dict[str, Any], key: str, lo: int, hi: int) -> int:

@@ -18,7 +18,11 @@ def register(sub) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from tinyfed.dashboard import Dashboard, create_app, serve_in_thread
+    from tinyfed.extras import require
+
+    dashboard = require("tinyfed.dashboard", "tinyfed dashboard")
+    Dashboard, create_app, serve_in_thread = (  # noqa: N806
+        dashboard.Dashboard, dashboard.create_app, dashboard.serve_in_thread)
 
     dash = Dashboard()
     for folder in args.runs:

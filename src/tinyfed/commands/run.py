@@ -42,8 +42,9 @@ def handle(args: argparse.Namespace) -> int:
         run_dir, config = open_run(config, None, {})
     live_page = None
     if args.dashboard:
-        from tinyfed.dashboard.live import start_live
+        from tinyfed.extras import require
 
+        start_live = require("tinyfed.dashboard.live", "--dashboard").start_live
         live_page = start_live(config, run_dir, port=args.dashboard_port)
     try:
         result = execute(config, run_dir, resuming=bool(args.resume),

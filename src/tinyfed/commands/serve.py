@@ -38,10 +38,13 @@ def register(sub) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from tinyfed.extras import require
     from tinyfed.metrics import EventBus
     from tinyfed.runner import execute, summary
-    from tinyfed.runtimes.http import HttpOptions, HttpRuntime
     from tinyfed.runtimes.http.auth import new_tokens, read_tokens, write_tokens
+
+    http = require("tinyfed.runtimes.http.runtime", "tinyfed serve")
+    HttpOptions, HttpRuntime = http.HttpOptions, http.HttpRuntime  # noqa: N806
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: allowed 0..65535")

@@ -143,10 +143,9 @@ class RunWatch:
 
     # ---- records ----
     def _poll_bus(self) -> None:
-        history = self.bus.history
-        while self._sent < len(history):
-            self.hub.add_record(self.index, history[self._sent])
-            self._sent += 1
+        self._sent, records = self.bus.since(self._sent)
+        for record in records:
+            self.hub.add_record(self.index, record)
 
     def _poll_file(self) -> None:
         path = self.folder / METRICS

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-
 from tinyfed.errors import ConfigError
+from tinyfed.extras import require
 from tinyfed.runtimes.base import Runtime
 
 RUNTIMES: dict[str, str] = {
@@ -20,5 +19,5 @@ def make_runtime(name: str, config) -> Runtime:
     if target is None:
         raise ConfigError(f"unknown runtime {name!r}; allowed: {', '.join(sorted(RUNTIMES))}")
     module, _, cls = target.partition(":")
-    factory = getattr(importlib.import_module(module), cls)
+    factory = getattr(require(module, f"runtime {name!r}"), cls)
     return factory(config)

@@ -13,6 +13,12 @@ from typing import Protocol
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 
+# Seconds: when a results() call's timeout passes, the tasks due within this much after it fail
+# with it (one wake-up for a round's stragglers, not one per task). Every runtime fails a task
+# only once its own deadline (`round_timeout` after its submit) has passed, never another's.
+GRACE = 0.5
+STARTUP_TIMEOUT = 120.0  # seconds a worker gets to import torch, load its data and say it is up
+
 
 class Runtime(Protocol):
     def start(self, experiment: Experiment) -> None:

@@ -82,27 +82,10 @@ def misbehave(mode: str, write_fd: int, reply) -> None:
 
 def setup(header: dict):
     """Config, threads, data and the worker, from the HELLO header."""
-    import torch
-
     from tinyfed.config import build_config
-    from tinyfed.experiment import load_data, shard_of, split
-    from tinyfed.protocol import ClientWorker
+    from tinyfed.worker import build_worker
 
-    config = build_config(header["config"])
-    if config.deterministic:  # as runner.configure_threads: one thread, deterministic kernels
-        torch.set_num_threads(1)
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.set_num_threads(max(1, int(header.get("threads", 1))))
-    dataset = load_data(config)
-    parts = split(config, dataset)
-    worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
-                          lambda cid: shard_of(dataset, parts, cid),
-                          max_frame=int(config.max_frame_mb * (1 << 20)))
-    # torch's first optimizer imports torch._dynamo (~800 modules, seconds): pay it before
-    # saying HELLO, not inside the first round's deadline.
-    torch.optim.SGD(worker.model.parameters(), lr=0.1)
-    return worker
+    return build_worker(build_config(header["config"]), int(header.get("threads", 1)))
 
 
 def serve(read_fd: int, write_fd: int, num: int) -> int:

@@ -1,9 +1,10 @@
 """Whole frames over OS pipe descriptors: loop on partial reads and short writes, check sizes.
 
 A pipe carries a byte stream, not messages, so a frame is read as its 24-byte prefix, then
-exactly the length that prefix announces (checked against the size limit before anything is
-allocated). EOF and EPIPE become `PipeClosed`, which carries how many bytes moved, so the
-caller can report traffic and never mistakes half a frame for a message.
+exactly the length that prefix announces (checked against the size limit first, and read in
+chunks as they arrive, so memory follows the bytes received, not the bytes promised). EOF and
+EPIPE become `PipeClosed`, which carries how many bytes moved, so the caller can report traffic
+and never mistakes half a frame for a message.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ def write_all(fd: int, data: bytes) -> int:
 
 
 def read_exact(fd: int, size: int, already: int = 0, total: int | None = None) -> bytearray:
-    """Read exactly `size` bytes (looping on partial reads). EOF -> PipeClosed."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = os.readv(fd, [view[got : got + CHUNK]])
-        if n == 0:
+    """Read exactly `size` bytes (looping on partial reads). EOF -> PipeClosed.
+
+    The buffer grows as bytes arrive, never to the announced size up front: a child that
+    announces a frame at the limit and sends nothing costs nothing."""
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = os.read(fd, min(CHUNK, size - len(buf)))
+        if not chunk:
+            got = len(buf)
             of = f" of {total}" if total else ""
             where = "at a frame boundary" if already + got == 0 else (
                 f"after {already + got}{of} bytes of a frame")
             raise PipeClosed(f"EOF {where}", already + got)
-        got += n
+        buf += chunk
     return buf
 
 

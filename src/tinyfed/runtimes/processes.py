@@ -26,16 +26,15 @@ from pathlib import Path
 
 import tinyfed
 from tinyfed import protocol, wire
+from tinyfed.compress import parse_pipeline
 from tinyfed.config import Config
 from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 from tinyfed.runtimes import pipeio
+from tinyfed.runtimes.base import GRACE, STARTUP_TIMEOUT
 
-STARTUP_TIMEOUT = 120.0  # seconds for a child to import torch, load its data and say HELLO
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
-GRACE = 0.5  # seconds: a job due this soon after a results() deadline fails with it
-STATELESS_CODECS = {"delta"}  # codecs that keep no per-client state in the sender
 
 
 class ChildStartError(TinyfedError):
@@ -50,8 +49,7 @@ def worker_count(config: Config) -> int:
 
 def stateless(codec: str) -> bool:
     """True when any child may serve any client (no per-client codec memory to keep)."""
-    names = {p.strip().partition(":")[0] for p in codec.split("+") if p.strip()}
-    return names <= STATELESS_CODECS
+    return not parse_pipeline(codec).stateful
 
 
 def describe_exit(code: int | None) -> str:

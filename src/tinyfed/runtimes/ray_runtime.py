@@ -32,6 +32,7 @@ from tinyfed.compress import parse_pipeline
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.runtimes.base import GRACE, STARTUP_TIMEOUT
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster address to answer before giving up
 INSTALL_HINT = 'pip install "tinyfed[ray]"'
@@ -54,20 +55,10 @@ class ClientActor:
     """One pool member: the client side of tasks, with data loaded on the actor's own node."""
 
     def __init__(self, config_json: str, threads: int):
-        import torch
-
         from tinyfed.config import build_config
-        from tinyfed.experiment import load_data, shard_of, split
+        from tinyfed.worker import build_worker
 
-        config = build_config(json.loads(config_json))
-        torch.set_num_threads(threads)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True)
-        dataset = load_data(config)
-        parts = split(config, dataset)
-        self.worker = protocol.ClientWorker(
-            config.model, dataset.input_shape, dataset.num_classes,
-            lambda cid: shard_of(dataset, parts, cid), int(config.max_frame_mb * (1 << 20)))
+        self.worker = build_worker(build_config(json.loads(config_json)), threads)
 
     def pid(self) -> int:
         return os.getpid()
@@ -90,6 +81,7 @@ class _Job:
     header_json: str
     payload_ref: Any
     frame_len: int
+    due: float  # monotonic time at which the job fails if no reply came
     slot: int = -1
 
 
@@ -198,10 +190,10 @@ class RayRuntime:
         self.connect()
         self.actor_cls = self.ray.remote(ClientActor)
         n = self.pool_size()
-        self.sticky = any(hasattr(c, "STATE") for c in parse_pipeline(self.config.codec).codecs)
+        self.sticky = parse_pipeline(self.config.codec).stateful
         self.actors = [self.spawn() for _ in range(n)]
         self.idle = deque(range(n))
-        self.wait_ready(self.config.round_timeout)
+        self.wait_ready(max(self.config.round_timeout, STARTUP_TIMEOUT))
         self.startup_seconds = time.monotonic() - t0
 
     def wait_ready(self, timeout: float) -> None:
@@ -216,7 +208,7 @@ class RayRuntime:
                 raise RayUnavailable(f"a Ray actor failed to start: {short_error(exc)}") from None
         if not_ready:
             raise RayUnavailable(f"{len(not_ready)} of {len(refs)} Ray actors did not start within "
-                                 f"round_timeout={self.config.round_timeout:g} s")
+                                 f"{timeout:g} s")
 
     def actor_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
@@ -253,7 +245,7 @@ class RayRuntime:
         # frame = prefix + header + payload: its length without building it on the driver
         frame_len = len(protocol.task_frame(task, b"")) + len(weights_payload)
         self.queue.append(_Job(task, expect, header_json, self.payload_ref(weights_payload),
-                               frame_len))
+                               frame_len, time.monotonic() + self.config.round_timeout))
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -278,15 +270,26 @@ class RayRuntime:
         return len(self.queue) + len(self.running)
 
     def results(self, timeout: float) -> Iterator[ClientResult]:
+        """Results as they finish. A job fails once `round_timeout` has passed since its
+        submit (its actor alone is killed and replaced); when this call's `timeout` passes,
+        the jobs due by then fail (all of them if none is and nothing else has arrived)."""
         ray = self.ray
-        deadline = time.monotonic() + timeout
+        end = time.monotonic() + timeout
         while self.queue or self.running:
             self.dispatch()
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.running:
-                yield from self.expire()
+            now = time.monotonic()
+            failed = self.expire(lambda job, now=now: job.due <= now)
+            if now >= end and not failed:
+                failed = self.expire(lambda job: job.due <= end + GRACE) or self.expire(
+                    lambda job: True)
+            yield from failed
+            if now >= end:
                 return
-            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=left)
+            if not self.running:
+                continue
+            wake = min([end, *(job.due for job in self.running.values())])
+            ready, _ = ray.wait(list(self.running), num_returns=1,
+                                timeout=max(wake - time.monotonic(), 0.001))
             for ref in ready:
                 result = self.collect(ref)
                 self.dispatch()  # keep actors busy while the server aggregates
@@ -315,18 +318,24 @@ class RayRuntime:
         result.bytes_down = job.frame_len
         return result
 
-    def expire(self) -> Iterator[ClientResult]:
-        """Deadline: running tasks fail and their actors are killed and replaced."""
+    def expire(self, due) -> list[ClientResult]:
+        """Fail the jobs `due(job)` selects: a running one's actor is killed and replaced, a
+        queued one never started. Other tasks, running or queued, are untouched."""
         timeout = self.config.round_timeout
+        failed = []
         for ref, job in list(self.running.items()):
-            del self.running[ref]
-            self.replace(job.slot, kill=True)
-            self.idle.append(job.slot)
-            yield ClientResult.failure(job.task, f"no reply within round_timeout={timeout:g} s; "
-                                       "ray actor killed", bytes_down=job.frame_len)
-        while self.queue:
-            yield ClientResult.failure(self.queue.popleft().task,
-                                       "deadline passed before the task started")
+            if due(job):
+                del self.running[ref]
+                self.replace(job.slot, kill=True)
+                self.idle.append(job.slot)
+                failed.append(ClientResult.failure(
+                    job.task, f"deadline: no reply within round_timeout={timeout:g} s; ray "
+                    "actor killed", bytes_down=job.frame_len))
+        for job in [j for j in self.queue if due(j)]:
+            self.queue.remove(job)
+            failed.append(ClientResult.failure(job.task, "deadline: not started within "
+                                               f"round_timeout={timeout:g} s"))
+        return failed
 
     def close(self) -> None:
         ray = self.ray

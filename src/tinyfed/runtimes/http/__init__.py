@@ -1,6 +1,4 @@
-"""The HTTP runtime: a FastAPI app served by uvicorn in a thread of the server process, and the
-device-side client loop that pulls tasks and pushes updates over it."""
-
-from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
-
-__all__ = ["HttpOptions", "HttpRuntime"]
+"""The HTTP runtime: a FastAPI app served by uvicorn in a thread of the server process
+(`runtime`, `app`, `hot`, `hub`), and the device-side client loop that pulls tasks and pushes
+updates over it (`remote`). Nothing is imported here, so a device that imports `remote` never
+loads FastAPI or uvicorn."""

@@ -24,11 +24,13 @@ from tinyfed.metrics import EventBus
 from tinyfed.runtimes.http.asgi import BootHeader, PartsResponse
 from tinyfed.runtimes.http.auth import VIEWER, TokenBook
 from tinyfed.runtimes.http.hot import FRAME, OPENAPI, ApiError, HotRoutes, as_client, identify
-from tinyfed.runtimes.http.hub import Hub
+from tinyfed.runtimes.http.hub import BOOT_HEADER, Hub
 
-UPLOADS = 8  # update bodies read at once
+UPLOADS = 8  # update bodies checked at once
+MAX_SUBSCRIBERS = 32  # open /v1/events streams; more get 503
+STREAM_HISTORY = 1000  # newest records a new subscriber is sent before live ones
+PAGE, MAX_PAGE = 1000, 5000  # /v1/metrics records per answer: default and most
 CHECKERS = 2  # threads that decode and validate update frames off the event loop
-BOOT_HEADER = "X-Tinyfed-Boot"
 
 
 def no_telemetry() -> dict[str, Any]:
@@ -120,18 +122,38 @@ def create_app(hub: Hub, tokens: TokenBook, config: dict[str, Any], bus: EventBu
             return Response(status_code=304, headers=headers)
         return PartsResponse((snap.head, snap.payload), media_type=FRAME, headers=headers)
 
-    @app.get("/v1/metrics", summary="Metrics records so far and request counters")
-    async def get_metrics(request: Request):
+    @app.get("/v1/metrics", summary="Metrics records (a page of at most `limit`, numbered "
+             "from `since`) and request counters")
+    async def get_metrics(request: Request, since: int = Query(0, ge=0, le=2**53),
+                          limit: int = Query(PAGE, ge=1, le=MAX_PAGE)):
         who(request)
-        return {"records": list(bus.history) if bus else [], "counters": dict(hub.counters),
-                "clients_registered": len(hub.registered)}
+        number, records = bus.since(since) if bus else (0, [])
+        first = number - len(records)
+        page = records[:limit]
+        return {"records": page, "first": first, "next": first + len(page),
+                "counters": dict(hub.counters), "clients_registered": len(hub.registered)}
 
-    @app.get("/v1/events", summary="Server-sent events: every metrics record, history then live",
-             responses={200: {"content": {"text/event-stream": {}}}})
+    subscribers = [0]  # open event streams
+
+    @app.get("/v1/events", summary="Server-sent events: recent metrics records, then live",
+             responses={200: {"content": {"text/event-stream": {}}},
+                        503: {"description": "too many subscribers"}})
     async def events(request: Request, token: str | None = Query(None)):
         who(request, token)
-        return StreamingResponse(stream_records(request, hub, bus),
-                                 media_type="text/event-stream",
+        if subscribers[0] >= MAX_SUBSCRIBERS:
+            hub.count(503)
+            raise ApiError(503, f"{MAX_SUBSCRIBERS} event streams are open; try again later",
+                           {"Retry-After": "5"})
+        subscribers[0] += 1
+
+        async def stream():
+            try:
+                async for part in stream_records(request, hub, bus):
+                    yield part
+            finally:
+                subscribers[0] -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     fastapi_openapi = app.openapi
@@ -160,10 +182,12 @@ async def stream_records(request: Request, hub: Hub, bus: EventBus | None):
 
     bus.subscribe(sink)
     try:
-        history = list(bus.history)
+        history = bus.history[-STREAM_HISTORY:]
         seen = {id(r) for r in history}  # a record published while subscribing comes once
-        for record in history:
+        for i, record in enumerate(history):
             yield f"data: {json.dumps(record)}\n\n"
+            if i % 64 == 63:
+                await asyncio.sleep(0)  # let other requests run between slices of history
         while not hub.finished:
             try:
                 record = await asyncio.wait_for(live.get(), 1.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -27,6 +28,8 @@ from tinyfed.runtimes.http.hub import Hub, Verdict
 
 FRAME = "application/octet-stream"
 MAX_WAIT = 30.0  # longest long-poll a client may ask for, seconds
+PER_CLIENT_UPLOADS = 2  # one client's uploads in progress at once (a retry may overlap)
+BODY_IDLE_TIMEOUT = 15.0  # seconds a body may pause between chunks before 408
 
 
 class ApiError(Exception):
@@ -72,6 +75,7 @@ class HotRoutes:
                  stamp: tuple[str, str]) -> None:
         self.app, self.hub, self.tokens, self.max_body = app, hub, tokens, max_body
         self.uploads, self.checkers = uploads, checkers
+        self.busy: Counter[int] = Counter()  # uploads in progress per client id
         self.stamp = (stamp[0].lower().encode("latin-1"), stamp[1].encode("latin-1"))
         self.routes: dict[tuple[str, str], Callable[[Scope, Receive], Awaitable[Reply]]] = {
             ("GET", "/v1/task"): self.task, ("POST", "/v1/update"): self.update}
@@ -117,29 +121,44 @@ class HotRoutes:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         client_id = query_int(query, "client_id")
         as_client(self.tokens, self.hub, header(scope, b"authorization"), client_id)
-        async with self.uploads:  # bodies not yet read wait in the kernel's socket buffers
+        if self.busy[client_id] >= PER_CLIENT_UPLOADS:
+            self.hub.count(429)
+            raise ApiError(429, f"client {client_id} already has {PER_CLIENT_UPLOADS} uploads "
+                                "in progress", {"Retry-After": "1"})
+        self.busy[client_id] += 1
+        try:
             body = await self.read_body(scope, receive)
-            try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self.checkers, self.hub.accept, client_id, body)
-            except Verdict as v:
-                raise ApiError(v.status, v.reason) from None
+            async with self.uploads:  # a slot only to check a whole body, never to wait for one
+                try:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self.checkers, self.hub.accept, client_id, body)
+                except Verdict as v:
+                    raise ApiError(v.status, v.reason) from None
+        finally:
+            self.busy[client_id] -= 1
+            if not self.busy[client_id]:
+                del self.busy[client_id]
         return json_reply(200, {"accepted": result.ok, "client_id": client_id,
                                 "round": result.round, "reason": result.reason or None})
 
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The body, refusing (413) anything over the limit before or while reading it."""
-        limit = self.max_body
+        """The body, refusing (413) anything over an update's size before or while reading it
+        (chunked bodies are counted as they arrive), and (408) a body that stops flowing."""
+        limit = min(self.max_body, self.hub.max_update)
         declared = header(scope, b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit() and len(declared) <= 19):
                 raise ApiError(400, "invalid Content-Length")
             if int(declared) > limit:
                 self.hub.count(413)
                 raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.hub.count(408)
+                raise ApiError(408, f"no body bytes for {BODY_IDLE_TIMEOUT:g} s") from None
             if message["type"] == "http.disconnect":
                 raise ApiError(400, "the client went away before sending its whole body")
             chunk = message.get("body", b"")
@@ -165,9 +184,9 @@ def query_int(query: dict[str, list[str]], name: str) -> int:
     if not values:
         raise ApiError(422, f"invalid request query.{name}: field required")
     text = values[-1].strip()
-    if not text.isdigit():
-        raise ApiError(422, f"invalid request query.{name}: an integer >= 0 is required, "
-                            f"got {values[-1]!r}")
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        raise ApiError(422, f"invalid request query.{name}: an integer in [0, 9999999999] "
+                            f"is required, got {values[-1][:40]!r}")
     return int(text)
 
 
@@ -178,7 +197,7 @@ def query_float(query: dict[str, list[str]], name: str, default: float, lo: floa
     if not values:
         return default
     try:
-        value = float(values[-1])
+        value = float(values[-1][:40])
     except ValueError:
         value = math.nan
     if not lo <= value <= hi:
@@ -188,7 +207,8 @@ def query_float(query: dict[str, list[str]], name: str, default: float, lo: floa
 
 
 _CLIENT_ID = {"name": "client_id", "in": "query", "required": True,
-              "schema": {"type": "integer", "minimum": 0, "title": "Client Id"}}
+              "schema": {"type": "integer", "minimum": 0, "maximum": 9999999999,
+                         "title": "Client Id"}}
 _ERRORS = {str(code): {"description": why, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}}}}} for code, why in (
     (401, "missing or invalid bearer token"), (403, "the token belongs to another client"),
@@ -211,6 +231,9 @@ OPENAPI: dict[str, dict[str, Any]] = {
         "requestBody": {"required": True, "content": {FRAME: {"schema": {
             "type": "string", "format": "binary"}}}},
         "responses": {"200": {"description": "admitted", "content": {"application/json": {}}},
+                      "408": {"description": "the body stopped flowing"},
                       "409": {"description": "no open task: late, duplicate or unknown"},
-                      "413": {"description": "body over the limit"}, **_ERRORS}}},
+                      "413": {"description": "body over an update's size"},
+                      "429": {"description": "this client has uploads in progress"},
+                      **_ERRORS}}},
 }

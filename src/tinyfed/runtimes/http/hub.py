@@ -9,7 +9,7 @@ blocks the loop. The served model is an immutable bytes snapshot replaced by one
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import queue
 import threading
 import time
@@ -21,6 +21,8 @@ from tinyfed import wire
 from tinyfed.errors import WireError
 from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update
 from tinyfed.wire import Kind
+
+BOOT_HEADER = "X-Tinyfed-Boot"  # response header naming the server's boot (clients re-register)
 
 
 @dataclass
@@ -62,18 +64,22 @@ def peek_header(frame: bytes, max_size: int) -> tuple[Kind, dict]:
     if total != len(frame):
         raise WireError(f"frame length mismatch: announced {total} bytes, got {len(frame)}")
     _, _, kind, head_len, _, _ = wire.PREFIX.unpack(frame[: wire.PREFIX_SIZE])
-    try:
-        header = json.loads(frame[wire.PREFIX_SIZE : wire.PREFIX_SIZE + head_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"frame header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireError("frame header must be a JSON object")
-    return Kind(kind), header
+    head = bytes(frame[wire.PREFIX_SIZE : wire.PREFIX_SIZE + head_len])
+    return Kind(kind), wire.decode_header(head)
+
+
+def max_update_frame(spec: dict[str, wire.TensorSpec]) -> int:
+    """The largest update frame an honest client can send for this model: every tensor dense
+    in its dtype, three times over (top-k at F=1 sends an index and a value per element), plus
+    room for the headers. Bodies beyond it are refused as they arrive, not at the frame cap."""
+    dense = sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
+    return 3 * dense + 1024 * len(spec) + (1 << 20)
 
 
 class Hub:
     def __init__(self, max_frame: int = wire.DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
+        self.max_update = max_frame  # body bound of one update (set from the model's size)
         self.boot_id = uuid.uuid4().hex[:12]  # changes on every server start; clients re-register
         self.results: queue.Queue[ClientResult] = queue.Queue()
         self.counters: Counter[str] = Counter()
@@ -193,6 +199,10 @@ class Hub:
             rejected = str(exc)
             result = ClientResult.failure(slot.task, f"rejected update: {exc}",
                                           bytes_up=len(body))
+        except BaseException:  # a server-side fault: the task stays open for the retry
+            with self._lock:
+                slot.checking = False
+            raise
         with self._lock:
             if self._slots.get(client_id) is not slot:  # expired while being checked
                 self.counters["409"] += 1

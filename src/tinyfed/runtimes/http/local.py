@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyfed.experiment import Experiment
+from tinyfed.runtimes.base import STARTUP_TIMEOUT
 from tinyfed.runtimes.http.auth import new_tokens, write_tokens
 from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
-from tinyfed.runtimes.processes import STARTUP_TIMEOUT, describe_exit
+from tinyfed.runtimes.processes import describe_exit
 
 QUICK_DEATH = 30.0  # seconds: a process dying sooner than this after its start looks like a loop
 MAX_QUICK_DEATHS = 3  # such deaths in a row before a worker is given up

@@ -17,15 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-import torch
 
 from tinyfed.config import build_config
 from tinyfed.errors import ConfigError, TinyfedError
-from tinyfed.experiment import Experiment
 from tinyfed.memtune import keep_freed_memory
 from tinyfed.protocol import ClientWorker
-from tinyfed.runtimes.http.app import BOOT_HEADER
-from tinyfed.runtimes.http.hub import peek_header
+from tinyfed.runtimes.http.hub import BOOT_HEADER, peek_header
+from tinyfed.worker import build_worker
 
 
 class Unreachable(TinyfedError):
@@ -155,13 +153,7 @@ class RemoteClient:
             raise ConfigError(f"client id(s) {bad} out of range; the run has clients "
                               f"0..{config.clients - 1}")
         keep_freed_memory()
-        if config.deterministic:
-            torch.set_num_threads(1)
-            torch.use_deterministic_algorithms(True)
-        exp = Experiment.build(config)
-        ds = exp.dataset
-        self.worker = ClientWorker(config.model, ds.input_shape, ds.num_classes, exp.shard,
-                                   int(config.max_frame_mb * (1 << 20)))
+        self.worker = build_worker(config)
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:

@@ -25,9 +25,11 @@ from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.runtimes.base import GRACE
 from tinyfed.runtimes.http.app import create_app
 from tinyfed.runtimes.http.auth import TokenBook, new_token
-from tinyfed.runtimes.http.hub import Hub
+from tinyfed.runtimes.http.conn import protocol_class
+from tinyfed.runtimes.http.hub import Hub, max_update_frame
 
 
 @dataclass
@@ -47,6 +49,9 @@ class HttpOptions:
     announce: bool = True
 
 
+MIN_CONNECTIONS = 1024  # connections (and requests in flight) served at once, at least
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The server's non-blocking listening socket (uvicorn serves on it)."""
     sock = netutil.bind(host, port, "HTTP server")
@@ -54,7 +59,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-GRACE = 0.5  # seconds: a task due this soon after a results() deadline fails with it
 
 
 class HttpRuntime:
@@ -62,7 +66,7 @@ class HttpRuntime:
         self.config = config
         self.options = options or HttpOptions(tokens={})
         self.bus = bus
-        max_frame = int(config.max_frame_mb * (1 << 20))
+        max_frame = config.max_frame
         self.max_body = max_frame
         self.hub = Hub(max_frame)
         self.url = ""
@@ -83,6 +87,7 @@ class HttpRuntime:
             if path and not Path(path).is_file():
                 raise ConfigError(f"TLS file {path!r} does not exist")
         self.hub.set_model(wire.encode_tensors(experiment.initial), 0)
+        self.hub.max_update = min(self.max_body, max_update_frame(experiment.spec))
         app = create_app(self.hub, TokenBook(opts.tokens, opts.viewer_token),
                          experiment.config.model_dump(), self.bus, self.max_body)
         if opts.dashboard and self.bus is not None:
@@ -97,7 +102,12 @@ class HttpRuntime:
                                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key,
                                 timeout_graceful_shutdown=2, server_header=False,
                                 proxy_headers=False,  # clients are told apart by token, not IP
-                                limit_concurrency=None, backlog=2048)
+                                http=protocol_class(),  # request headers within a deadline
+                                timeout_keep_alive=5,
+                                # beyond this many connections and requests at once: 503
+                                limit_concurrency=max(MIN_CONNECTIONS,
+                                                      4 * experiment.config.clients),
+                                backlog=2048)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, args=(sock,), name="tinyfed-http",
                                         daemon=True)

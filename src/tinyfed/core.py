@@ -1,0 +1,243 @@
+"""The run core: the global model and everything around it that is not how clients are driven.
+
+Synchronous rounds (`server.Server`) and asynchronous merging (`async_loop.AsyncServer`) are two
+policies over one `RunCore`: it holds the run state, admits results (lossy-downlink rebase and
+the norm guard), evaluates, builds and publishes records, writes checkpoints and restores them,
+and says when to stop. A policy decides only which tasks leave when and how results fold in.
+
+Durability: a record is written (the essential JSONL sink) before the round's checkpoint, and a
+failure of either stops the run with a one-line error; the last good checkpoint stays
+resumable. A checkpoint holds no records (its size does not grow with the run): on resume they
+are rebuilt from metrics.jsonl, checked and cut at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyfed.checkpoint import save_checkpoint
+from tinyfed.client import TrainSettings, evaluate
+from tinyfed.compress import rebase
+from tinyfed.errors import TinyfedError
+from tinyfed.experiment import Experiment
+from tinyfed.guard import NormGuard
+from tinyfed.metrics import EventBus, Record, finite_or_none, rounds_to_target
+from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.wire import Tensors
+
+
+class RoundFailed(TinyfedError):
+    """Too few clients succeeded in a round, even after its retries."""
+
+
+class RunStopped(TinyfedError):
+    """A record or checkpoint could not be written; the run stops rather than lose it."""
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint must hold for an exact resume (records live in metrics.jsonl)."""
+
+    round: int = 0
+    weights: Tensors | None = None
+    records: list[Record] = field(default_factory=list)  # round records, rebuilt on resume
+    cum_bytes_down: int = 0
+    cum_bytes_up: int = 0
+    elapsed: float = 0.0
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "cum_bytes_down": self.cum_bytes_down,
+            "cum_bytes_up": self.cum_bytes_up,
+            "elapsed": self.elapsed,
+            "strategy_state": self.strategy_state,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, weights: Tensors, data: dict[str, Any]) -> RunState:
+        return cls(
+            round=int(data["round"]),
+            weights=weights,
+            cum_bytes_down=int(data.get("cum_bytes_down", 0)),
+            cum_bytes_up=int(data.get("cum_bytes_up", 0)),
+            elapsed=float(data.get("elapsed", 0.0)),
+            strategy_state=dict(data.get("strategy_state", {})),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+@dataclass
+class Tally:
+    """What one round (or one async window) saw: successes, failures, examples, bytes."""
+
+    start: float = field(default_factory=time.monotonic)
+    ok: int = 0
+    examples: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def count_bytes(self, result: ClientResult) -> None:
+        self.bytes_down += result.bytes_down
+        self.bytes_up += result.bytes_up
+
+    def success(self, result: ClientResult) -> None:
+        self.ok += 1
+        self.examples += result.num_examples
+        self.steps += int(result.metrics.get("steps", 0))
+        self.loss_sum += result.metrics.get("train_loss", 0.0) * result.num_examples
+
+    def failure(self, client_id: int, reason: str, **where: Any) -> None:
+        self.failures.append({"client_id": client_id, **where, "reason": reason})
+
+
+class RunCore:
+    """Run state, admission, evaluation, records, checkpoints, resume and stop rules."""
+
+    def __init__(self, experiment: Experiment, bus: EventBus,
+                 checkpoint_dir: Path | None = None):
+        self.exp = experiment
+        self.cfg = experiment.config
+        self.bus = bus
+        self.checkpoint_dir = checkpoint_dir
+        self.state = RunState(weights=dict(experiment.initial))
+        self.guard = NormGuard(self.cfg.norm_ratio)
+        self.eval_model = experiment.new_model()
+        self.stop_reason = ""
+
+    # ---- tasks and results ---------------------------------------------------------------
+    def settings(self, round_num: int) -> TrainSettings:
+        cfg = self.cfg
+        return TrainSettings(cfg.epochs, cfg.batch_size, cfg.optimizer,
+                             cfg.lr * cfg.lr_decay ** (round_num - 1), cfg.momentum,
+                             cfg.weight_decay)
+
+    def expectation(self, task: ClientTask, reference: Tensors) -> Expectation:
+        """What the server accepts as the answer to `task` sent with `reference` weights."""
+        return Expectation(task, reference, self.exp.spec, self.exp.shard_size(task.client_id),
+                           self.cfg.max_frame, self.cfg.max_weight)
+
+    def admit(self, result: ClientResult, seen: Tensors, exact: Tensors) -> ClientResult:
+        """A validated update moved onto the exact model (when the downlink was lossy) and
+        judged by the norm guard; a refused one comes back as a failure."""
+        if not result.ok:
+            return result
+        if seen is not exact:
+            result.weights = rebase(result.weights, seen, exact)
+        reason = self.guard.check(result.weights, exact)
+        if reason:
+            return ClientResult(result.client_id, result.round, False, reason=reason,
+                                bytes_down=result.bytes_down, bytes_up=result.bytes_up,
+                                version=result.version)
+        return result
+
+    # ---- evaluation and records ----------------------------------------------------------
+    def evaluate(self, weights: Tensors) -> dict[str, Any]:
+        self.eval_model.load_state_dict(weights)
+        ds = self.exp.dataset
+        return evaluate(self.eval_model, ds.test_x, ds.test_y, ds.num_classes)
+
+    def round_record(self, round_num: int, tally: Tally, selected: int) -> Record:
+        """Evaluate (on the configured cadence) and build the round's record."""
+        evaluate_now = round_num % self.cfg.eval_every == 0 or round_num == self.cfg.rounds
+        test = self.evaluate(self.state.weights) if evaluate_now else None
+        seconds = time.monotonic() - tally.start  # a round's wall time includes evaluation
+        st = self.state
+        st.cum_bytes_down += tally.bytes_down
+        st.cum_bytes_up += tally.bytes_up
+        st.elapsed += seconds
+        return {
+            "kind": "round",
+            "round": round_num,
+            "time": time.time(),
+            "wall_seconds": seconds,
+            "elapsed_seconds": st.elapsed,
+            "test_accuracy": test["accuracy"] if test else None,
+            "test_loss": finite_or_none(test["loss"]) if test else None,
+            "train_loss": finite_or_none(tally.loss_sum / tally.examples)
+            if tally.examples else None,
+            "num_examples": tally.examples,
+            "steps": tally.steps,  # local optimizer steps of the round's clients, summed
+            "clients_selected": selected,
+            "clients_succeeded": tally.ok,
+            "clients_failed": len(tally.failures),
+            "failures": tally.failures,
+            "bytes_down": tally.bytes_down,
+            "bytes_up": tally.bytes_up,
+            "cum_bytes_down": st.cum_bytes_down,
+            "cum_bytes_up": st.cum_bytes_up,
+            "lr": self.settings(round_num).lr,
+        }
+
+    def publish(self, record: Record) -> None:
+        """Write and fan out one record; a record that cannot be written stops the run."""
+        try:
+            self.bus.publish(record)
+        except (OSError, ValueError) as exc:
+            raise RunStopped(f"cannot write the metrics record of round {record.get('round')} "
+                             f"({exc}); the run stopped, {self.resumable()}") from None
+
+    def finish_round(self, round_num: int, record: Record, policy_state: dict[str, Any],
+                     tensors: Tensors | None = None) -> None:
+        """The round is done: its record is written first, then (on cadence) a checkpoint."""
+        self.state.round = round_num
+        self.state.records.append(record)
+        self.guard.end_round()
+        self.publish(record)
+        last = round_num == self.cfg.rounds or self.target_reached()
+        if self.checkpoint_dir and (round_num % self.cfg.checkpoint_every == 0 or last):
+            self.checkpoint(policy_state, tensors)
+
+    # ---- checkpoints and resume ----------------------------------------------------------
+    def checkpoint(self, policy_state: dict[str, Any], tensors: Tensors | None = None) -> None:
+        """Weights + state (+ a policy's extra tensors, stored beside the weights)."""
+        assert self.checkpoint_dir is not None
+        st = self.state
+        st.strategy_state = policy_state.get("strategy", {})
+        st.extra = {k: v for k, v in policy_state.items() if k != "strategy"}
+        st.extra["guard"] = self.guard.state_dict()
+        weights = dict(st.weights)
+        for key, value in (tensors or {}).items():
+            weights[f"{EXTRA_PREFIX}{key}"] = value
+        try:
+            save_checkpoint(self.checkpoint_dir, st.round, weights, st.to_json(),
+                            keep=self.cfg.keep_checkpoints)
+        except (OSError, ValueError) as exc:
+            raise RunStopped(f"cannot write the checkpoint of round {st.round} ({exc}); the run "
+                             f"stopped, {self.resumable()}") from None
+
+    def resumable(self) -> str:
+        from tinyfed.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if found is None:
+            return "no checkpoint was written yet"
+        return f"--resume continues from {found.name}"
+
+    def resume(self, weights: Tensors, data: dict[str, Any],
+               records: list[Record]) -> tuple[RunState, Tensors]:
+        """Restore a checkpoint's state; returns it and the policy's extra tensors."""
+        tensors = {k.removeprefix(EXTRA_PREFIX): v for k, v in weights.items()
+                   if k.startswith(EXTRA_PREFIX)}
+        model = {k: v for k, v in weights.items() if not k.startswith(EXTRA_PREFIX)}
+        state = RunState.from_json(model, data)
+        state.records = [r for r in records if r.get("kind", "round") == "round"]
+        self.state = state
+        self.guard.load_state_dict(state.extra.get("guard", {}))
+        return state, tensors
+
+    def target_reached(self) -> bool:
+        target = self.cfg.target_accuracy
+        return target is not None and rounds_to_target(self.state.records, target) is not None
+
+
+EXTRA_PREFIX = "policy::"  # checkpoint tensors that are a policy's state, not model weights

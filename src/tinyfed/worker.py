@@ -1,0 +1,39 @@
+"""The client side of a run, set up from its config, the same way in every process that trains.
+
+A child process, a Ray actor, a `tinyfed client` device and the in-process runtime all call
+`build_worker`, so threads, deterministic kernels, data loading and sharding cannot drift apart
+between runtimes (they once did: the copies disagreed on which codecs keep state).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinyfed.config import Config
+from tinyfed.experiment import load_data, shard_of, split
+from tinyfed.protocol import ClientWorker
+
+
+def configure_torch(config: Config, threads: int | None = None) -> None:
+    """One thread and deterministic kernels when results must be bit-identical across
+    runtimes; else `threads` (the caller's share of the cores), or the config's `threads`."""
+    if config.deterministic:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        return
+    wanted = threads if threads is not None else config.threads
+    if wanted:
+        torch.set_num_threads(max(1, int(wanted)))
+
+
+def build_worker(config: Config, threads: int | None = None) -> ClientWorker:
+    """Torch set up, the data loaded, the shards rebuilt from the config, a ClientWorker."""
+    configure_torch(config, threads)
+    dataset = load_data(config)
+    parts = split(config, dataset)
+    worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
+                          lambda cid: shard_of(dataset, parts, cid), max_frame=config.max_frame)
+    # torch's first optimizer imports torch._dynamo (~800 modules, seconds): pay it while
+    # starting, not inside the first round's deadline.
+    torch.optim.SGD(worker.model.parameters(), lr=0.1)
+    return worker
