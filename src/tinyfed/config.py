@@ -30,7 +30,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # data
-    dataset: Literal["fmnist", "mnist", "cifar10", "synthetic"] = "fmnist"
+    dataset: str = Field("fmnist", description="fmnist | mnist | cifar10 | synthetic | "
+                         "package.module:factory")
     data_dir: str | None = None
     synthetic_size: int = Field(3000, ge=100, le=1_000_000)
     partition: Literal["iid", "shards", "dirichlet", "ranges", "classes"] = "iid"
@@ -103,6 +104,15 @@ class Config(BaseModel):
         if host and port.isdigit() and 0 < int(port) < 65536:
             return value
         raise ValueError("must be 'auto' or HOST:PORT, e.g. 10.0.0.5:6379")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, value: str) -> str:
+        from tinyfed.data.dataset import DATASETS
+
+        if value in DATASETS or (":" in value and all(value.split(":", 1))):
+            return value
+        raise ValueError(f"must be one of {', '.join(DATASETS)} or 'package.module:factory'")
 
     @field_validator("model")
     @classmethod

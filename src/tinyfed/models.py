@@ -80,10 +80,23 @@ BUILTIN: dict[str, ModelFactory] = {
 }
 
 
+REGISTERED: dict[str, ModelFactory] = {}  # factories given from Python (`tinyfed.run(model=)`)
+
+
+def register(factory: ModelFactory) -> str:
+    """Remember a factory given from Python; returns the name a config carries for it
+    (`module:qualname`, which other processes can import when the factory is top-level)."""
+    name = f"{factory.__module__}:{factory.__qualname__}"
+    REGISTERED[name] = factory
+    return name
+
+
 def resolve_factory(name: str) -> ModelFactory:
     """A built-in name, or 'package.module:factory' taking (input_shape, num_classes)."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if name in REGISTERED:
+        return REGISTERED[name]
     module_name, _, attr = name.partition(":")
     if os.getcwd() not in sys.path:  # `module:factory` names a module of the user's project
         sys.path.append(os.getcwd())

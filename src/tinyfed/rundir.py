@@ -60,7 +60,8 @@ class RunDir:
     @classmethod
     def create(cls, config: Config) -> RunDir:
         """A new, empty run folder; an existing run is never touched."""
-        out = config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}"
+        label = "-".join(part.rpartition(":")[2] for part in (config.dataset, config.model))
+        out = config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{label}"
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(

@@ -80,14 +80,17 @@ def restore(server, run_dir: RunDir, sink: JsonlSink, bus: EventBus) -> None:
 
 
 def make_server(
-    config: Config, experiment: Experiment, runtime, bus: EventBus, run_dir: RunDir
+    config: Config, experiment: Experiment, runtime, bus: EventBus, run_dir: RunDir,
+    strategy=None,
 ) -> Server:
-    """Synchronous rounds or asynchronous merging, over the same runtime either way."""
+    """Synchronous rounds or asynchronous merging, over the same runtime either way.
+    `strategy` is a strategy object given from Python (else the config's name is looked up)."""
     if config.mode == "async":
         from tinyfed.async_loop import AsyncServer
 
         return AsyncServer(experiment, runtime, make_async_rule(config), bus, run_dir.checkpoints)
-    return Server(experiment, runtime, make_strategy(config), bus, run_dir.checkpoints)
+    return Server(experiment, runtime, strategy or make_strategy(config), bus,
+                  run_dir.checkpoints)
 
 
 def execute(
@@ -99,6 +102,7 @@ def execute(
     subscribers: list[Callable[[Record], None]] = (),
     bus: EventBus | None = None,
     runtime: Runtime | None = None,
+    strategy=None,
 ) -> RunResult:
     """Run (or continue) the experiment in `run_dir` to its end and write every output.
     `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server)."""
@@ -109,7 +113,7 @@ def execute(
     bus = bus or EventBus()
     sink = JsonlSink(run_dir.metrics)
     runtime = runtime or make_runtime(config.runtime, config)
-    server = make_server(config, experiment, runtime, bus, run_dir)
+    server = make_server(config, experiment, runtime, bus, run_dir, strategy)
     if resuming:
         restore(server, run_dir, sink, bus)
     else:

@@ -176,7 +176,12 @@ def _read_idx_set(name: str, folder: Path) -> tuple[tuple[np.ndarray, np.ndarray
 
 def load_dataset(name: str, data_dir: str | None = None, *, download: bool = True,
                  synthetic_size: int = 3000) -> Dataset:
-    """Find, verify and decode `name` into normalized tensors (see DATASETS)."""
+    """Find, verify and decode `name` into normalized tensors (see DATASETS), or a user's
+    data set by `package.module:factory` (see `data.user`)."""
+    from tinyfed.data.user import is_user_name, load_user_dataset
+
+    if is_user_name(name):
+        return load_user_dataset(name)
     if name == "synthetic":
         if isinstance(synthetic_size, bool) or not isinstance(synthetic_size, int) \
                 or synthetic_size < 10:
