@@ -323,3 +323,32 @@ def test_pipe_reader_allocates_what_arrives_not_what_is_announced():
         assert peak < 4 << 20  # a 200 MB announcement cost a few kB, not 200 MB
     finally:
         os.close(r)
+
+
+# -- progress inside a round --------------------------------------------------------------------
+
+def test_progress_line_by_hand():
+    from tinyfed.progress import status
+
+    event = {"round": 3, "done": 4, "planned": 10, "failed": 1, "bytes": 2_500_000,
+             "seconds": 20.0, "rounds": 5}
+    # 20 s for 4 of 10 clients: 30 s left in this round; 2 more rounds at the 50 s mean
+    assert status(event, [40.0, 60.0]) == ("round 3: 4/10 clients (1 failed) · 2.50 MB so far"
+                                           " · round ETA 30 s · run ETA 2 min 10 s")
+    assert status({**event, "done": 0, "failed": 0}, []) == "round 3: 0/10 clients · 2.50 MB so far"
+
+
+def test_progress_events_follow_every_client_of_a_round(tmp_path):
+    from tinyfed.metrics import EventBus
+
+    bus = EventBus()
+    events = []
+    bus.watch(events.append)
+    cfg = small_config(out=str(tmp_path / "r"), rounds=2, clients=4)
+    run_dir = RunDir.create(cfg)
+    execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO(), bus=bus)
+    assert [(e["round"], e["done"]) for e in events] == [(r, d) for r in (1, 2)
+                                                        for d in range(5)]
+    assert all(e["planned"] == 4 for e in events)
+    assert events[4]["bytes"] > events[1]["bytes"] > 0
+    assert all(r.get("kind") != "progress" for r in bus.history)  # never kept, never written

@@ -196,6 +196,8 @@ class AsyncServer:
             self.fail(task, result.reason)
         else:
             self.merge(task, result)
+        if self.updates % self.cfg.clients_per_round:  # (a finished round has its record)
+            self.core.progress(self.state.round + 1, self.window, self.cfg.clients_per_round)
         for v in {task.version, version}:  # the models that may have lost their last user
             if v != self.version and v not in self.uses:
                 self.versions.pop(v, None)

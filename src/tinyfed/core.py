@@ -178,6 +178,13 @@ class RunCore:
             "lr": self.settings(round_num).lr,
         }
 
+    def progress(self, round_num: int, tally: Tally, planned: int) -> None:
+        """A progress event inside a round: what the console and viewers show between records."""
+        self.bus.notify({"kind": "progress", "round": round_num, "done": tally.ok + len(
+            tally.failures), "planned": planned, "failed": len(tally.failures),
+            "bytes": tally.bytes_down + tally.bytes_up, "seconds": time.monotonic() - tally.start,
+            "rounds": self.cfg.rounds, "elapsed_seconds": self.state.elapsed})
+
     def publish(self, record: Record) -> None:
         """Write and fan out one record; a record that cannot be written stops the run."""
         try:

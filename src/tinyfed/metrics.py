@@ -33,6 +33,7 @@ class EventBus:
     def __init__(self, max_history: int = MAX_HISTORY) -> None:
         self._sinks: list[Sink] = []
         self._essential: list[Sink] = []
+        self._watchers: list[Sink] = []
         self._lock = threading.Lock()
         self._log: deque[Record] = deque(maxlen=max_history)
         self.published = 0  # records ever published (or preloaded): the next one's number
@@ -56,6 +57,21 @@ class EventBus:
             for record in records:
                 self._log.append(record)
                 self.published += 1
+
+    def watch(self, watcher: Sink) -> None:
+        """Receive progress events (inside a round: clients done, bytes so far): transient,
+        never written, never kept as history."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def notify(self, event: Record) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            try:
+                watcher(event)
+            except Exception:  # noqa: BLE001 - a broken viewer must not end training
+                pass
 
     def subscribe(self, sink: Sink, essential: bool = False) -> None:
         with self._lock:

@@ -127,6 +127,7 @@ def execute(
     )
     progress = Progress(title, stream, live)
     bus.subscribe(progress)
+    bus.watch(progress.on_progress)
     try:
         with progress:
             runtime.start(experiment)

@@ -96,6 +96,7 @@ class Server:
                                   down_codec=cfg.down_codec)
                 self.runtime.submit(task, payload, core.expectation(task, seen))
             failed = []
+            core.progress(round_num, tally, len(selected))
             for result in self.runtime.results(cfg.round_timeout):
                 tally.count_bytes(result)
                 result = core.admit(result, seen, weights)
@@ -105,6 +106,7 @@ class Server:
                 else:
                     tally.failure(result.client_id, result.reason, attempt=attempt)
                     failed.append(result.client_id)
+                core.progress(round_num, tally, len(selected))
             if tally.ok >= min(cfg.min_clients, len(selected)):
                 break
             if attempt > cfg.round_retries or not failed:
