@@ -75,6 +75,7 @@ def serve_transport(clients: int) -> None:
         client_ids = list(range(clients))
         config = cfg
         initial = weights
+        spec = wire.spec_of(weights)
 
     rt.start(Exp())  # type: ignore[arg-type]
     seen: set[tuple[int, int]] = set()

@@ -30,21 +30,21 @@ WINDOW = 64  # accepted norms the median is taken over
 MIN_HISTORY = 5  # norms needed before the ratio is applied (round 1 has none)
 
 
-def _sum_of_squares(tensor: torch.Tensor) -> float:
-    flat = tensor.reshape(-1)
-    return float(torch.dot(flat, flat))
+def _sum_of_squares(tensors) -> float:
+    """Σ‖t‖² of float tensors: each norm in the tensor's own precision (one pass, no float64
+    copy of a model per update: 0.05 ms for the 2NN against 1.4 ms), summed in float64."""
+    return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
 
 
 def distance(weights: Tensors, reference: Tensors) -> float:
-    """‖weights − reference‖₂ over the float tensors, accumulated in float64."""
-    return math.sqrt(sum(_sum_of_squares(v.to(torch.float64) - reference[k].to(torch.float64))
-                         for k, v in weights.items() if v.is_floating_point()))
+    """‖weights − reference‖₂ over the float tensors."""
+    return math.sqrt(_sum_of_squares(v - reference[k] for k, v in weights.items()
+                                     if v.is_floating_point()))
 
 
 def norm_of(weights: Tensors) -> float:
-    """‖weights‖₂ over the float tensors, accumulated in float64."""
-    return math.sqrt(sum(_sum_of_squares(v.to(torch.float64))
-                         for v in weights.values() if v.is_floating_point()))
+    """‖weights‖₂ over the float tensors."""
+    return math.sqrt(_sum_of_squares(v for v in weights.values() if v.is_floating_point()))
 
 
 class NormGuard:

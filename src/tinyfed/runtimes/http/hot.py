@@ -29,7 +29,7 @@ from tinyfed.runtimes.http.hub import Hub, Verdict
 FRAME = "application/octet-stream"
 MAX_WAIT = 30.0  # longest long-poll a client may ask for, seconds
 PER_CLIENT_UPLOADS = 2  # one client's uploads in progress at once (a retry may overlap)
-BODY_IDLE_TIMEOUT = 15.0  # seconds a body may pause between chunks before 408
+BODY_TIMEOUT = 30.0  # seconds a whole update body may take to arrive before 408
 
 
 class ApiError(Exception):
@@ -143,7 +143,8 @@ class HotRoutes:
 
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The body, refusing (413) anything over an update's size before or while reading it
-        (chunked bodies are counted as they arrive), and (408) a body that stops flowing."""
+        (chunked bodies are counted as they arrive), and (408) one that does not arrive in time:
+        a stalled or trickled upload holds no check slot and ends at BODY_TIMEOUT."""
         limit = min(self.max_body, self.hub.max_update)
         declared = header(scope, b"content-length")
         if declared is not None:
@@ -152,13 +153,16 @@ class HotRoutes:
             if int(declared) > limit:
                 self.hub.count(413)
                 raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+        try:
+            return await bounded_time(self.collect(receive, limit), BODY_TIMEOUT)
+        except TimeoutError:
+            self.hub.count(408)
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
+
+    async def collect(self, receive: Receive, limit: int) -> bytes:
         chunks, size = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT)
-            except asyncio.TimeoutError:
-                self.hub.count(408)
-                raise ApiError(408, f"no body bytes for {BODY_IDLE_TIMEOUT:g} s") from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ApiError(400, "the client went away before sending its whole body")
             chunk = message.get("body", b"")
@@ -169,6 +173,18 @@ class HotRoutes:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+async def bounded_time(awaitable, seconds: float):
+    """`awaitable`, or TimeoutError after `seconds`: one timer per body, not one per chunk
+    (`asyncio.timeout` where there is one, 3.11+; `wait_for` before)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except asyncio.TimeoutError:
+        raise TimeoutError from None
 
 
 def header(scope: Scope, name: bytes) -> str | None:
