@@ -1,7 +1,9 @@
-"""Honest clients under attack: a real `tinyfed serve` (2NN, synchronous FedAvg, synthetic data)
+"""Honest clients under attack: a real `tinyfed serve` (2NN, synchronous FedAvg, 20,000 synthetic
+examples over 4 clients)
 with real `tinyfed client` processes, while H hostile connections (0, 8, 64) hold the server:
 a third open and send nothing, a third trickle request headers, a third announce an upload of
-the model's size on an honest client's token and send ten bytes. Each hostile connection
+the model's size and send ten bytes, on the token of an enrolled device (id 4, holding no task)
+that misbehaves. Each hostile connection
 reconnects as soon as the server drops it, until the run ends.
 
 Prints, per H: the honest rounds' median seconds and updates/s, the server's RSS before the
@@ -56,7 +58,7 @@ def attacker(kind: int, port: int, token: str, stop: threading.Event) -> None:
                 if kind == 1:
                     s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
                 elif kind == 2:
-                    s.sendall(f"POST /v1/update?client_id=0 HTTP/1.1\r\nHost: x\r\n"
+                    s.sendall(f"POST /v1/update?client_id=4 HTTP/1.1\r\nHost: x\r\n"
                               f"Authorization: Bearer {token}\r\nContent-Length: 800000\r\n"
                               f"Content-Type: application/octet-stream\r\n\r\n0123456789"
                               .encode())
@@ -69,7 +71,7 @@ def attacker(kind: int, port: int, token: str, stop: threading.Event) -> None:
 def one_run(hostile: int, rounds_wanted: int, workdir: Path) -> dict:
     from tinyfed.runtimes.http.auth import new_tokens, write_tokens
 
-    tokens = new_tokens(range(4))
+    tokens = new_tokens(range(5))  # id 4: the misbehaving device
     tokens_file = workdir / "tokens.txt"
     write_tokens(tokens_file, tokens)
     with socket.socket() as s:
@@ -79,7 +81,7 @@ def one_run(hostile: int, rounds_wanted: int, workdir: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": SRC}
     common = [sys.executable, "-m", "tinyfed"]
     server = subprocess.Popen(
-        [*common, "serve", "--dataset", "synthetic", "--set", "synthetic_size=4000",
+        [*common, "serve", "--dataset", "synthetic", "--set", "synthetic_size=20000",
          "--model", "mlp", "--clients", "4", "--rounds", str(rounds_wanted), "--port",
          str(port), "--tokens", str(tokens_file), "--out", str(out), "--plain",
          "--wait-clients", "4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,19 +98,20 @@ def one_run(hostile: int, rounds_wanted: int, workdir: Path) -> dict:
         before = rss_mb(server.pid)
         attack_from = len(rounds(out))
         for i in range(hostile):
-            t = threading.Thread(target=attacker, args=(i % 3, port, tokens[0], stop),
+            t = threading.Thread(target=attacker, args=(i % 3, port, tokens[4], stop),
                                  daemon=True)
             t.start()
             threads.append(t)
         peak = after = before
         stop_at = rounds_wanted - 2  # the last two rounds run with the attackers gone
         while server.poll() is None and time.monotonic() < end:
-            rss = rss_mb(server.pid)
+            rss, done = rss_mb(server.pid), len(rounds(out))
             if stop.is_set():
-                after = rss or after
+                if done < rounds_wanted:  # not the end-of-run work (final model, plot)
+                    after = rss or after
             else:
                 peak = max(peak, rss)
-            if len(rounds(out)) >= stop_at and not stop.is_set():
+            if done >= stop_at and not stop.is_set():
                 stop.set()
             time.sleep(0.1)
         recs = [r for r in rounds(out) if r.get("kind", "round") == "round"]

@@ -79,6 +79,7 @@ class AsyncServer:
         self.uses: Counter[int] = Counter()  # model version → in-flight tasks started from it
         self.versions: dict[int, Version] = {}
         self.resubmit: list[ClientTask] = []
+        self.cooling: set[int] = set()  # clients whose last task failed, until a merge
         self.window = Window()
         self.consecutive_failures = 0
         self.peak_versions = 0
@@ -115,9 +116,12 @@ class AsyncServer:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    def next_client(self) -> int:
-        """Walk seeded permutations of all clients (one per pass), skipping busy ones."""
+    def next_client(self) -> int | None:
+        """Walk seeded permutations of all clients (one per pass), skipping busy ones and those
+        cooling off after a failure; None when every client is one or the other."""
         ids = self.exp.client_ids
+        if len(self.inflight) + len(self.cooling) >= len(ids):
+            return None
         while True:
             epoch, pos = divmod(self.cursor, len(ids))
             if self._perm is None or self._perm[0] != epoch:
@@ -125,7 +129,7 @@ class AsyncServer:
                 self._perm = (epoch, [ids[i] for i in order])
             perm, busy = self._perm[1], self.inflight
             for i in range(pos, len(perm)):  # with M close to K most are busy: scan, don't loop
-                if perm[i] not in busy:
+                if perm[i] not in busy and perm[i] not in self.cooling:
                     self.cursor += i - pos + 1
                     return perm[i]
             self.cursor += len(perm) - pos
@@ -150,8 +154,13 @@ class AsyncServer:
                 self.submit(task)
             self.resubmit = []
             self.prune()
+        if not self.inflight:
+            self.cooling.clear()  # nothing else will arrive to end their cooling
         while len(self.inflight) < self.concurrency:
-            self.dispatch(self.next_client())
+            client = self.next_client()
+            if client is None:
+                break
+            self.dispatch(client)
 
     # -- results ------------------------------------------------------------------------------
 
@@ -204,7 +213,10 @@ class AsyncServer:
         self.peak_versions = max(self.peak_versions, len(self.versions))
 
     def fail(self, task: ClientTask, reason: str) -> None:
+        """A failed task: counted, and its client waits for another result before it is asked
+        again (a client that fails at once would otherwise take every free slot, in a loop)."""
         self.window.failure(task.client_id, reason, task=task.round)
+        self.cooling.add(task.client_id)
         self.consecutive_failures += 1
         limit = (self.cfg.round_retries + 1) * self.concurrency
         if self.consecutive_failures >= limit:
@@ -224,6 +236,7 @@ class AsyncServer:
             self.publish(self.version, new)
         self.updates += 1
         self.consecutive_failures = 0
+        self.cooling.clear()
         w = self.window
         w.success(result)
         w.staleness_sum += staleness

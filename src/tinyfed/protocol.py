@@ -17,6 +17,7 @@ from tinyfed import wire
 from tinyfed.client import Shard, TrainSettings, train
 from tinyfed.compress import parse_pipeline
 from tinyfed.errors import WireError
+from tinyfed.faults import injected
 from tinyfed.models import build_model, state_of
 from tinyfed.wire import Kind, Tensors, TensorSpec
 
@@ -134,6 +135,9 @@ class ClientWorker:
             task = ClientTask.from_header(msg.header)
         except WireError as exc:
             return wire.encode_frame(Kind.FAILURE, {"reason": f"bad task: {exc}"})
+        fault = injected(task.client_id, task.round)  # the test hook: None in normal use
+        if fault is not None:
+            return fault
         try:
             return self.run(task, msg.tensors)
         except Exception as exc:  # a client's crash is its round's failure, not the server's

@@ -181,6 +181,7 @@ class Hub:
             kind, header = peek_header(body, self.max_frame)
         except WireError as exc:
             self.count(422)
+            self._fail_open(client_id, f"rejected update: malformed frame: {exc}", len(body))
             raise Verdict(422, f"malformed frame: {exc}") from None
         with self._lock:
             slot = self._slots.get(client_id)
@@ -216,6 +217,18 @@ class Hub:
             self.count(422)
             raise Verdict(422, f"rejected update: {rejected}")
         return result
+
+    def _fail_open(self, client_id: int, reason: str, size: int) -> None:
+        """A frame too broken to say which task it answers fails this client's open task, as a
+        bad frame does in every runtime (rather than holding it to its deadline)."""
+        with self._lock:
+            slot = self._slots.get(client_id)
+            if slot is None or slot.checking:
+                return
+            del self._slots[client_id]
+            self._closed[client_id] = (slot.task.round, True)
+        self.results.put(ClientResult.failure(slot.task, reason, bytes_down=slot.bytes_down,
+                                              bytes_up=size))
 
     def _conflict(self, client_id: int, rnd, slot: Slot | None) -> str:
         """Why an update has no open task: a duplicate, a late one, or unknown."""

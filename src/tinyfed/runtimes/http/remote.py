@@ -107,8 +107,9 @@ class RemoteClient:
             if self.boot_id:
                 self.log(f"server restarted ({self.boot_id} -> {boot}); registering again")
             self.boot_id = boot
-            for cid in self.opts.tokens:
-                self.register(cid)
+            if self.worker is not None:  # before that, setup() registers once it is ready
+                for cid in self.opts.tokens:
+                    self.register(cid)
 
     def register(self, client_id: int) -> None:
         try:
@@ -154,6 +155,8 @@ class RemoteClient:
                               f"0..{config.clients - 1}")
         keep_freed_memory()
         self.worker = build_worker(config)
+        for client_id in self.opts.tokens:  # ready to train: a server holding round 1 for
+            self.register(client_id)  # its clients starts the deadline clock only now
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:
