@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinyfed.checkpoint import save_checkpoint
+from tinyfed.checkpoint import latest_checkpoint, save_checkpoint
 from tinyfed.client import TrainSettings, evaluate
 from tinyfed.compress import rebase
 from tinyfed.errors import TinyfedError
@@ -27,6 +27,8 @@ from tinyfed.guard import NormGuard
 from tinyfed.metrics import EventBus, Record, finite_or_none, rounds_to_target
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 from tinyfed.wire import Tensors
+
+EXTRA_PREFIX = "policy::"  # checkpoint tensors that are a policy's state, not model weights
 
 
 class RoundFailed(TinyfedError):
@@ -223,8 +225,7 @@ class RunCore:
                              f"stopped, {self.resumable()}") from None
 
     def resumable(self) -> str:
-        from tinyfed.checkpoint import latest_checkpoint
-
+        """Where `--resume` would continue from, for an error message."""
         found = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
         if found is None:
             return "no checkpoint was written yet"
@@ -246,5 +247,3 @@ class RunCore:
         target = self.cfg.target_accuracy
         return target is not None and rounds_to_target(self.state.records, target) is not None
 
-
-EXTRA_PREFIX = "policy::"  # checkpoint tensors that are a policy's state, not model weights
