@@ -32,68 +32,86 @@ class Config(BaseModel):
     # data
     dataset: str = Field("fmnist", description="fmnist | mnist | cifar10 | synthetic | "
                          "package.module:factory")
-    data_dir: str | None = None
-    synthetic_size: int = Field(3000, ge=100, le=1_000_000)
-    partition: Literal["iid", "shards", "dirichlet", "ranges", "classes"] = "iid"
-    alpha: float = Field(0.5, gt=0)
-    shards_per_client: int = Field(2, ge=1)
-    classes_per_client: int = Field(2, ge=1)
-    min_partition_size: int = Field(10, ge=1)
-    range_size: int | None = Field(None, ge=1)
+    data_dir: str | None = Field(None, description="folder holding the data set files (or "
+                                 "TINYFED_DATA)")
+    synthetic_size: int = Field(3000, ge=100, le=1_000_000,
+                                description="examples of the synthetic data set")
+    partition: Literal["iid", "shards", "dirichlet", "ranges", "classes"] = Field(
+        "iid", description="how the training set is split among clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet partition)")
+    shards_per_client: int = Field(2, ge=1, description="shards per client (shards partition)")
+    classes_per_client: int = Field(2, ge=1,
+                                    description="labels per client (classes partition)")
+    min_partition_size: int = Field(10, ge=1, description="fewest examples a client may hold")
+    range_size: int | None = Field(None, ge=1,
+                                   description="examples per client (ranges partition)")
     # model and local training
-    model: str = "mlp"
-    clients: int = Field(10, ge=1)
-    fraction: float = Field(1.0, gt=0, le=1)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(10, ge=0, description="0 = the whole shard (FedSGD)")
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    model: str = Field("mlp", description="mlp | mlp128 | cnn | cifar_cnn | "
+                       "package.module:factory")
+    clients: int = Field(10, ge=1, description="number of clients K")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction C of clients per round")
+    epochs: int = Field(1, ge=1, description="local epochs E")
+    batch_size: int = Field(10, ge=0, description="local batch size B; 0 = the whole shard "
+                            "(FedSGD)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="client optimizer")
+    lr: float = Field(0.05, gt=0, description="client learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="client weight decay")
     lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier per round")
     # server
-    strategy: str = "fedavg"
-    rounds: int = Field(5, ge=1)
-    target_accuracy: float | None = Field(None, gt=0, le=1)
-    eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(1, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    seed: int = Field(0, ge=0, lt=2**63)
-    deterministic: bool = False
+    strategy: str = Field("fedavg", description="aggregation rule")
+    rounds: int = Field(5, ge=1, description="number of rounds R")
+    target_accuracy: float | None = Field(None, gt=0, le=1,
+                                          description="stop when test accuracy reaches this")
+    eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N rounds")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept")
+    seed: int = Field(0, ge=0, lt=2**63, description="run seed")
+    deterministic: bool = Field(False, description="one thread per client: bit-identical "
+                                "results across runtimes")
     threads: int = Field(
         1, ge=0, description="torch threads for in-process training; 0 = torch's default"
     )
-    min_clients: int = Field(1, ge=1)
+    min_clients: int = Field(1, ge=1,
+                             description="fewest successful clients for a round to count")
     round_timeout: float = Field(
         600.0, gt=0, description="seconds before a round's stragglers are dropped"
     )
     round_retries: int = Field(
-        2, ge=0, description="retries of a round that fell below min_clients"
+        2, ge=0, description="retries (of the failed clients) of a round short of min_clients"
     )
     # asynchronous mode: every accepted update is merged at once; a "round" is clients_per_round
     # merged updates (the cadence of evaluation, records and checkpoints)
-    mode: Literal["sync", "async"] = "sync"
-    async_rule: Literal["seed-merge", "fedasync", "fedbuff"] = "fedasync"
-    concurrency: int | None = Field(None, ge=1, description="clients busy at once (default C·K)")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync rounds, or async (merge each update as it arrives)")
+    async_rule: Literal["seed-merge", "fedasync", "fedbuff"] = Field(
+        "fedasync", description="async merge rule")
+    concurrency: int | None = Field(None, ge=1, description="async: clients busy at once "
+                                    "(default C·K)")
     async_alpha: float = Field(0.5, gt=0, le=1, description="FedAsync mixing weight α")
-    staleness: str = Field("constant", description="constant | polynomial:A | hinge:A,B")
-    buffer_size: int | None = Field(None, ge=1, description="FedBuff updates per step (C·K)")
-    server_lr: float = Field(1.0, gt=0, description="FedBuff server learning rate η")
+    staleness: str = Field("constant", description="async staleness: constant | polynomial:A | "
+                           "hinge:A,B")
+    buffer_size: int | None = Field(None, ge=1, description="FedBuff: updates per server step "
+                                    "(default C·K)")
+    server_lr: float = Field(1.0, gt=0, description="FedBuff: server learning rate η")
     # transport
-    runtime: Literal["inprocess", "processes", "http", "ray"] = "inprocess"
-    workers: int | None = Field(None, ge=1)
-    respawn: bool = True
-    ray_address: str | None = Field(None, description="ray runtime: 'auto' or HOST:PORT")
+    runtime: Literal["inprocess", "processes", "http", "ray"] = Field(
+        "inprocess", description="where clients run")
+    workers: int | None = Field(None, ge=1, description="client processes / actors")
+    respawn: bool = Field(True, description="restart a failed client process")
+    ray_address: str | None = Field(None, description="ray runtime: cluster to attach to, "
+                                    "auto | HOST:PORT")
     cpus_per_client: float = Field(1.0, gt=0, description="ray runtime: CPUs reserved per actor")
-    codec: str = ""
-    down_codec: str = ""
-    max_frame_mb: float = Field(256.0, gt=0)
+    codec: str = Field("", description="uplink codec pipeline, e.g. delta+topk:0.01+int8")
+    down_codec: str = Field("", description="downlink codec pipeline (fp16 | int8)")
+    max_frame_mb: float = Field(256.0, gt=0, description="largest frame any reader accepts, MB")
     max_weight: float = Field(1e6, gt=0, description="largest |value| an update's tensor may hold")
     norm_ratio: float = Field(
         100.0, ge=0, description="refuse an update moving the model further than this × the "
         "recent median (0 = off)")
     # output
-    out: str | None = None
+    out: str | None = Field(None, description="run folder (default "
+                            "runs/<time>-<dataset>-<model>)")
 
     @field_validator("ray_address")
     @classmethod

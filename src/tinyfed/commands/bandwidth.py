@@ -10,22 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from tinyfed.commands.experiment_flags import add_config_flag
 from tinyfed.errors import ConfigError
 
-# (flag, config key, type, help) — validated by the config itself.
-FLAGS = [
-    ("--dataset", "dataset", str, "fmnist | mnist | cifar10 | synthetic (input shape only)"),
-    ("--model", "model", str, "mlp | mlp128 | cnn | cifar_cnn | package.module:factory"),
-    ("--clients", "clients", int, "number of clients K"),
-    ("--fraction", "fraction", float, "fraction C of clients per round"),
-    ("--rounds", "rounds", int, "number of rounds R"),
-    ("--codec", "codec", str, "uplink codec pipeline, e.g. delta+topk:0.01+int8"),
-    ("--down-codec", "down_codec", str, "downlink codec pipeline, e.g. int8"),
-    ("--batch-size", "batch_size", int, "local batch size B (for training RAM)"),
-    ("--optimizer", "optimizer", str, "sgd | adam (for training RAM)"),
-    ("--momentum", "momentum", float, "SGD momentum (adds one optimizer slot)"),
-    ("--seed", "seed", int, "seed of the model and of the stand-in update"),
-]
+# The config keys this command reads (flags and help come from the config model).
+KEYS = ("dataset", "model", "clients", "fraction", "rounds", "codec", "down_codec",
+        "batch_size", "optimizer", "momentum", "seed")
 
 
 def register(sub) -> None:
@@ -35,8 +25,8 @@ def register(sub) -> None:
                        description="Per-tensor sizes, bytes per round and run (with codecs, "
                                    "measured by encoding a real update), airtime on small-device "
                                    "links, and training memory. Needs no data set.")
-    for flag, key, typ, help_text in FLAGS:
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
+    for key in KEYS:
+        add_config_flag(p, key)
     link = p.add_mutually_exclusive_group()
     link.add_argument("--link", choices=sorted(LINKS), help="one link profile (default: all)")
     link.add_argument("--link-kbps", type=float, metavar="N", help="a custom link of N kbit/s")
@@ -53,7 +43,7 @@ def handle(args: argparse.Namespace) -> int:
     from tinyfed.metrics import read_records
     from tinyfed.rundir import RunDir
 
-    values = {key: getattr(args, key) for _, key, _, _ in FLAGS if getattr(args, key) is not None}
+    values = {key: getattr(args, key) for key in KEYS if getattr(args, key) is not None}
     records = None
     if args.from_run:
         run = RunDir(args.from_run)
