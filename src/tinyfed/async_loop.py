@@ -303,6 +303,7 @@ class AsyncServer:
             tensors.update({f"base.{v}.{k}": t for k, t in self.versions[v].exact.items()})
         saved = {"version": self.version, "updates": self.updates,
                  "dispatched": self.dispatched, "cursor": self.cursor,
+                 "cooling": sorted(self.cooling),
                  "inflight": [f.task.header() for f in self.inflight.values()]}
         return {"strategy": self.rule.state_dict(), EXTRA: saved}, tensors
 
@@ -320,6 +321,7 @@ class AsyncServer:
         self.updates = int(saved["updates"])
         self.dispatched = int(saved["dispatched"])
         self.cursor = int(saved["cursor"])
+        self.cooling = {int(c) for c in saved.get("cooling", [])}
         self.rule.load_tensor_state({k.removeprefix("rule."): v for k, v in tensors.items()
                                      if k.startswith("rule.")})
         self.versions = {}
