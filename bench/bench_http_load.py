@@ -60,6 +60,7 @@ def serve_transport(clients: int) -> None:
     from tinyfed.config import build_config
     from tinyfed.memtune import keep_freed_memory
     from tinyfed.protocol import ClientTask, Expectation
+    from tinyfed.runtimes.dispatch import Dispatcher
     from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
     from tinyfed.worker import configure_torch
 
@@ -69,7 +70,8 @@ def serve_transport(clients: int) -> None:
     cfg = build_config({"dataset": "synthetic", "clients": clients, "round_timeout": 600})
     configure_torch(cfg)  # as `tinyfed serve` does: torch's threads, malloc's thresholds
     keep_freed_memory()
-    rt = HttpRuntime(cfg, HttpOptions(tokens=bench_tokens(clients), announce=False, linger=0.5))
+    rt = Dispatcher(HttpRuntime(cfg, HttpOptions(tokens=bench_tokens(clients), announce=False,
+                                                 linger=0.5)), cfg.round_timeout)
 
     class Exp:  # just what HttpRuntime.start reads
         client_ids = list(range(clients))

@@ -19,6 +19,7 @@ from tinyfed.metrics import EventBus
 from tinyfed.protocol import ClientResult
 from tinyfed.rundir import RunDir
 from tinyfed.runner import execute
+from tinyfed.runtimes.dispatch import as_runtime
 from tinyfed.runtimes.inprocess import InProcessRuntime
 from tinyfed.server import RoundFailed
 from tinyfed.strategies import make_async_rule
@@ -28,7 +29,7 @@ ASYNC = dict(mode="async", clients=4, fraction=0.5, concurrency=3)
 
 def server_for(cfg, runtime=None) -> AsyncServer:
     exp = Experiment.build(cfg)
-    runtime = runtime or InProcessRuntime(cfg)
+    runtime = as_runtime(runtime or InProcessRuntime(cfg), cfg.round_timeout)
     runtime.start(exp)
     return AsyncServer(exp, runtime, make_async_rule(cfg), EventBus())
 
@@ -155,12 +156,13 @@ class FailingRuntime(InProcessRuntime):
         super().__init__(cfg)
         self.dead = dead
 
-    def results(self, timeout):
-        for r in super().results(timeout):
-            yield (
-                ClientResult(r.client_id, r.round, False, reason="device died",
-                             bytes_down=r.bytes_down, version=r.version)
-                if r.client_id in self.dead else r)
+    def receive(self, timeout):
+        got = super().receive(timeout)
+        if got is not None and got.result.client_id in self.dead:
+            r = got.result
+            got.result = ClientResult(r.client_id, r.round, False, reason="device died",
+                                      bytes_down=r.bytes_down, version=r.version)
+        return got
 
 
 def test_failures_are_counted_and_the_run_finishes():
@@ -195,7 +197,7 @@ class ReadyRuntime(InProcessRuntime):
     for updates already admitted), so the loop takes them as one batch."""
 
     def ready(self) -> int:
-        return self.pending()
+        return len(self.queue)
 
 
 def test_waiting_results_are_merged_in_turn_and_replaced_with_one_model(monkeypatch):

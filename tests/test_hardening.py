@@ -148,9 +148,11 @@ class Hooked:
     """An in-process runtime whose worker is tampered with once it has started."""
 
     def __init__(self, cfg, client_id, edit):
+        from tinyfed.runtimes.dispatch import Dispatcher
         from tinyfed.runtimes.inprocess import InProcessRuntime
 
-        self.rt, self.client_id, self.edit = InProcessRuntime(cfg), client_id, edit
+        self.rt = Dispatcher(InProcessRuntime(cfg), cfg.round_timeout)
+        self.client_id, self.edit = client_id, edit
         self.submits: list[tuple[int, int]] = []
 
     def start(self, exp):

@@ -21,6 +21,7 @@ from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
 from tinyfed.protocol import ClientWorker
+from tinyfed.runtimes.dispatch import Dispatcher
 from tinyfed.runtimes.http.auth import TokenBook, parse_tokens, read_tokens
 from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
 from tinyfed.wire import Kind
@@ -36,8 +37,8 @@ def exp():
 @pytest.fixture
 def served(exp):
     bus = EventBus()
-    rt = HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False, linger=0.2),
-                     bus)
+    rt = Dispatcher(HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False,
+                                                        linger=0.2), bus), exp.config.round_timeout)
     rt.start(exp)
     with httpx.Client(base_url=rt.url, timeout=20) as http:
         yield rt, http, bus
@@ -311,8 +312,9 @@ def test_tokens_command_prints_fresh_pairs(capsys):
 
 def test_tls(exp, tmp_path):
     cert, key = self_signed(tmp_path)
-    rt = HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), tls_cert=str(cert),
-                                             tls_key=str(key), announce=False, linger=0.1))
+    rt = Dispatcher(HttpRuntime(exp.config, HttpOptions(
+        tokens=dict(TOKENS), tls_cert=str(cert), tls_key=str(key), announce=False, linger=0.1)),
+        exp.config.round_timeout)
     rt.start(exp)
     try:
         assert rt.url.startswith("https://127.0.0.1:")

@@ -17,6 +17,7 @@ from tinyfed import wire
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
 from tinyfed.protocol import ClientWorker
+from tinyfed.runtimes.dispatch import Dispatcher
 from tinyfed.runtimes.http import app as app_module
 from tinyfed.runtimes.http import conn, hot, hub
 from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
@@ -36,8 +37,8 @@ def served(exp, monkeypatch):
     monkeypatch.setattr(hot, "BODY_TIMEOUT", 1.0)
     monkeypatch.setattr(app_module, "MAX_SUBSCRIBERS", 4)
     bus = EventBus()
-    rt = HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False, linger=0.2),
-                     bus)
+    rt = Dispatcher(HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False,
+                                                        linger=0.2), bus), exp.config.round_timeout)
     rt.start(exp)
     with httpx.Client(base_url=rt.url, timeout=20) as http:
         yield rt, http, bus

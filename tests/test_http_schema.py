@@ -19,6 +19,7 @@ from tests.http_helpers import TOKENS, auth, make_task
 from tinyfed import wire
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
+from tinyfed.runtimes.dispatch import Dispatcher
 from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
 
 
@@ -26,8 +27,8 @@ from tinyfed.runtimes.http.runtime import HttpOptions, HttpRuntime
 def server():
     exp = Experiment.build(small_config(round_timeout=600.0))
     bus = EventBus()
-    rt = HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False, linger=0.1),
-                     bus)
+    rt = Dispatcher(HttpRuntime(exp.config, HttpOptions(tokens=dict(TOKENS), announce=False,
+                                                        linger=0.1), bus), exp.config.round_timeout)
     rt.start(exp)
     payload = wire.encode_tensors(exp.initial)
     for cid in TOKENS:

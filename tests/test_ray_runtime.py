@@ -30,6 +30,7 @@ from tinyfed.wire import encode_tensors
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "tinyfed[ray]"')
 
+from tinyfed.runtimes.dispatch import Dispatcher  # noqa: E402
 from tinyfed.runtimes.ray_runtime import RayRuntime, RayUnavailable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +333,7 @@ def test_round_deadline_fails_stragglers_and_kills_their_actors(shared_ray):
     reset_gate(gate)
     cfg = small_config(runtime="ray", workers=2, clients=3, model=GATED, round_timeout=600)
     exp = Experiment.build(cfg)
-    rt = RayRuntime(cfg)
+    rt = Dispatcher(RayRuntime(cfg), cfg.round_timeout)
     rt.start(exp)
     try:
         payload = encode_tensors(exp.initial)
@@ -371,7 +372,7 @@ def test_a_straggler_fails_alone_while_later_tasks_run_on(shared_ray):
     reset_gate(gate)
     cfg = small_config(runtime="ray", workers=2, clients=2, model=GATED, round_timeout=4)
     exp = Experiment.build(cfg)
-    rt = RayRuntime(cfg)
+    rt = Dispatcher(RayRuntime(cfg), cfg.round_timeout)
     rt.start(exp)
     try:
         payload = encode_tensors(exp.initial)

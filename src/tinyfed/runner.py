@@ -29,6 +29,7 @@ from tinyfed.progress import Progress
 from tinyfed.rundir import RunDir
 from tinyfed.runtimes import make_runtime
 from tinyfed.runtimes.base import Runtime
+from tinyfed.runtimes.dispatch import as_runtime
 from tinyfed.server import Server
 from tinyfed.strategies import make_async_rule, make_strategy
 from tinyfed.wire import encode_tensors
@@ -105,14 +106,16 @@ def execute(
     strategy=None,
 ) -> RunResult:
     """Run (or continue) the experiment in `run_dir` to its end and write every output.
-    `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server)."""
+    `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server): a
+    Runtime, or a transport, which is put under the dispatcher."""
     configure_torch(config)
     keep_freed_memory()
     experiment = Experiment.build(config)
     run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
     bus = bus or EventBus()
     sink = JsonlSink(run_dir.metrics)
-    runtime = runtime or make_runtime(config.runtime, config)
+    runtime = as_runtime(runtime, config.round_timeout) if runtime else make_runtime(
+        config.runtime, config)
     server = make_server(config, experiment, runtime, bus, run_dir, strategy)
     if resuming:
         restore(server, run_dir, sink, bus)

@@ -77,7 +77,7 @@ def handle(args: argparse.Namespace) -> int:
     options = HttpOptions(tokens=tokens, host=args.host, port=args.port,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, url_file=args.url_file,
                           wait_clients=args.wait_clients, dashboard=args.dashboard)
-    runtime = HttpRuntime(config, options, bus)
+    runtime = HttpRuntime(config, options, bus)  # a transport: execute() dispatches over it
     result = execute(config, run_dir, resuming=bool(args.resume),
                      live=False if args.plain else None, bus=bus, runtime=runtime)
     print(summary(result))

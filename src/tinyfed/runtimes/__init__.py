@@ -1,4 +1,5 @@
-"""Runtimes by name; each is imported only when chosen, so optional extras stay optional."""
+"""Runtimes by name: a transport (imported only when chosen, so optional extras stay optional)
+under the one dispatcher."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ RUNTIMES: dict[str, str] = {
 
 
 def make_runtime(name: str, config) -> Runtime:
+    """The named transport under a `Dispatcher` (deadlines, late drops)."""
+    from tinyfed.runtimes.dispatch import as_runtime
+
     target = RUNTIMES.get(name)
     if target is None:
         raise ConfigError(f"unknown runtime {name!r}; allowed: {', '.join(sorted(RUNTIMES))}")
     module, _, cls = target.partition(":")
     factory = getattr(require(module, f"runtime {name!r}"), cls)
-    return factory(config)
+    return as_runtime(factory(config), config.round_timeout)

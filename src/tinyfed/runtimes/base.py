@@ -1,23 +1,74 @@
-"""The runtime seam: run client tasks against global weights, hand back results as they finish.
+"""The round contract below the policies: a `Runtime` runs client tasks and hands back results
+as they finish; a `Transport` only moves them.
 
-In-process, pipes, HTTP and Ray implement this one interface and carry the same frames, so
-bytes are measured the same way everywhere. No runtime knows whether it serves synchronous
-rounds or asynchronous merging.
+`dispatch.Dispatcher` is the one Runtime: it owns task ids, deadlines and their grace, drops late
+and duplicate deliveries (counted), and asks a transport to cancel what is due. Transports
+(in-process, pipes, HTTP, Ray) only send a job, deliver its validated result, and cancel a job
+that is due (killing the child or actor that runs it where they can), so every runtime fails a
+task in the same way and a new transport is one file. No transport knows whether it serves
+synchronous rounds or asynchronous merging.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 
 # Seconds: when a results() call's timeout passes, the tasks due within this much after it fail
-# with it (one wake-up for a round's stragglers, not one per task). Every runtime fails a task
-# only once its own deadline (`round_timeout` after its submit) has passed, never another's.
+# with it (one wake-up for a round's stragglers, not one per task). A task fails only once its
+# own deadline (`round_timeout` after its submit) has passed, never another's.
 GRACE = 0.5
 STARTUP_TIMEOUT = 120.0  # seconds a worker gets to import torch, load its data and say it is up
+
+
+@dataclass(eq=False)
+class Job:
+    """One task in flight: the dispatcher's id and deadline, what a transport moves."""
+
+    id: int
+    task: ClientTask
+    payload: bytes  # the round's weights, safetensors encoded once and shared by its jobs
+    expect: Expectation  # what the server accepts as the answer (validation is the caller's)
+    due: float  # monotonic time at which the job fails without a result
+
+
+@dataclass
+class Delivery:
+    """A job's result as a transport delivers it (an update, validated, or a failure)."""
+
+    job: Job
+    result: ClientResult
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Transport(Protocol):
+    def start(self, experiment: Experiment) -> None:
+        """Spawn children / connect / start actors / listen."""
+
+    def send(self, job: Job) -> None:
+        """Queue one job (non-blocking)."""
+
+    def receive(self, timeout: float) -> Delivery | None:
+        """The next delivery, waiting at most `timeout` seconds (None if none came)."""
+
+    def waiting(self) -> int:
+        """Deliveries `receive` would return without waiting."""
+
+    def cancel(self, job: Job) -> ClientResult | None:
+        """The job is due: stop work on it (kill what runs it, where possible) and return its
+        failure; None when its result is already waiting to be received."""
+
+    def close(self) -> None:
+        """Reap everything the transport started."""
+
+    # Optional: `ready() -> int` where results that can be taken without waiting should be
+    # merged before new work is dispatched (the HTTP server's admitted updates): the async
+    # loop then batches them; without it, it hands over one result at a time.
 
 
 class Runtime(Protocol):
@@ -37,10 +88,6 @@ class Runtime(Protocol):
 
     def pending(self) -> int:
         """How many submitted tasks have not produced a result yet."""
-
-    # Optional: `ready() -> int`, how many results `results()` would yield now without waiting
-    # (the HTTP runtime's admitted updates). The async loop then merges them all before it
-    # dispatches their replacements; a runtime without it hands over one result at a time.
 
     def close(self) -> None:
         """Reap everything the runtime started."""

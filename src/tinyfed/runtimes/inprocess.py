@@ -1,60 +1,57 @@
-"""In-process runtime: clients run one after another in the server's own process.
+"""In-process transport: clients run one after another in the server's own process.
 
 Tasks still go through the wire module (task frame out, update frame back), so bytes are counted
-exactly as the other runtimes count them. A task cannot be interrupted here (it runs on the
-caller's thread), so the deadline rule is applied when it ends: a result that comes after its
-task's deadline (`round_timeout` after submit) is dropped as late, as every runtime drops one.
+exactly as the other transports count them. A task cannot be interrupted here (it runs on the
+caller's thread inside `receive`): a queued job that is due is cancelled before it starts, and
+a result that ends after its deadline is dropped as late by the dispatcher, as in every runtime.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections import deque
-from collections.abc import Iterator
 
 from tinyfed import protocol, wire
 from tinyfed.experiment import Experiment
-from tinyfed.protocol import ClientResult, ClientTask, ClientWorker, Expectation
+from tinyfed.protocol import ClientResult, ClientWorker
+from tinyfed.runtimes.base import Delivery, Job
 
 
 class InProcessRuntime:
     def __init__(self, config=None) -> None:
+        self.config = config
         self.worker: ClientWorker | None = None
-        self.timeout = config.round_timeout if config is not None else math.inf
-        self.queue: deque[tuple[ClientTask, bytes, Expectation, float]] = deque()
+        self.queue: deque[Job] = deque()
         self.crc = wire.CrcMemo()
 
     def start(self, experiment: Experiment) -> None:
         ds = experiment.dataset
         self.worker = ClientWorker(experiment.config.model, ds.input_shape, ds.num_classes,
-                                   experiment.shard)
+                                   experiment.shard, max_frame=experiment.config.max_frame)
 
-    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        frame = protocol.task_frame(task, weights_payload, self.crc(weights_payload))
-        self.queue.append((task, frame, expect, time.monotonic() + self.timeout))
+    def send(self, job: Job) -> None:
+        self.queue.append(job)
 
-    def pending(self) -> int:
-        return len(self.queue)
+    def waiting(self) -> int:
+        return 0  # nothing is done before `receive` runs it
 
-    def results(self, timeout: float) -> Iterator[ClientResult]:
+    def receive(self, timeout: float) -> Delivery | None:
+        """Run the next queued job to its end (the whole wait is the training)."""
         assert self.worker is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        while self.queue:
-            task, frame, expect, due = self.queue.popleft()
-            if time.monotonic() > min(deadline, due):
-                yield ClientResult.failure(task, "deadline: not started within "
-                                           f"round_timeout={self.timeout:g} s")
-                continue
-            reply = self.worker.handle(frame)
-            if time.monotonic() > due:
-                yield ClientResult.failure(task, "late: the result came after the deadline "
-                                           f"(round_timeout={self.timeout:g} s); dropped",
-                                           bytes_down=len(frame), bytes_up=len(reply))
-                continue
-            result = protocol.read_update(reply, expect)
-            result.bytes_down = len(frame)
-            yield result
+        if not self.queue:
+            return None
+        job = self.queue.popleft()
+        frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
+        reply = self.worker.handle(frame)
+        result = protocol.read_update(reply, job.expect)
+        result.bytes_down = len(frame)
+        return Delivery(job, result)
+
+    def cancel(self, job: Job) -> ClientResult:
+        if job in self.queue:
+            self.queue.remove(job)
+        return ClientResult.failure(job.task, "deadline: not started within round_timeout="
+                                    f"{self.config.round_timeout:g} s" if self.config else
+                                    "deadline: not started")
 
     def close(self) -> None:
         self.queue.clear()

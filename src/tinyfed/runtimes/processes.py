@@ -1,17 +1,16 @@
-"""Process runtime: one child process per worker, two OS pipes each, one listener thread each.
+"""Process transport: one child process per worker, two OS pipes each, one listener thread each.
 
 The parent spawns `python -m tinyfed.runtimes.child` with only that child's two pipe ends,
 sends it HELLO (the config as JSON; the child loads its data itself), then each listener
 thread writes task frames to its child and reads the reply frames, which are validated and
-handed to `results()` as they arrive. A child that dies, hangs past the deadline or sends a
-malformed frame fails its task with a reason, is killed and reaped, and (with `respawn`) is
-replaced before its next task. Blocking reads and writes live in the listener threads; a kill
-(SIGKILL by pid) is what unblocks them, so nothing ever busy-waits.
+delivered as they arrive. A child that dies or sends a malformed frame fails its task with a
+reason; one whose job the dispatcher cancels at its deadline is killed. Either way it is
+reaped and (with `respawn`) replaced before its next task. Blocking reads and writes live in
+the listener threads; a kill (SIGKILL by pid) is what unblocks them, so nothing busy-waits.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import select
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +28,9 @@ from tinyfed.compress import parse_pipeline
 from tinyfed.config import Config
 from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
-from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
-from tinyfed.runtimes.base import GRACE, STARTUP_TIMEOUT
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job
 
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
 
@@ -61,15 +59,6 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-@dataclass
-class Job:
-    token: int
-    task: ClientTask
-    frame: bytes
-    expect: Expectation
-    due: float  # monotonic time at which the job fails if no reply came
 
 
 @dataclass
@@ -157,7 +146,7 @@ class Slot:
     num: int
     jobs: queue.Queue
     child: Child | None = None
-    current: int | None = None  # token of the job being written/read
+    current: int | None = None  # id of the job being written/read
     sent: int = 0  # bytes of the current job's task frame written so far (whole frame)
     doomed: bool = False  # killed by the deadline; replace before the next job
     down: str = ""  # why this slot serves no more jobs (respawn off, spawn failed)
@@ -166,7 +155,7 @@ class Slot:
 
 
 class ProcessRuntime:
-    """Runs client tasks in child processes over OS pipes (see the module docstring)."""
+    """Moves jobs to child processes over OS pipes (see the module docstring)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -175,15 +164,14 @@ class ProcessRuntime:
         shared_q: queue.Queue = queue.Queue()
         self.slots = [Slot(i, shared_q if self.shared else queue.Queue())
                       for i in range(self.workers)]
-        self.done: queue.Queue[tuple[int, ClientResult]] = queue.Queue()
-        self.jobs: dict[int, Job] = {}  # pending, by token
+        self.done: queue.Queue[Delivery] = queue.Queue()
+        self.live: set[int] = set()  # ids of jobs sent and not cancelled
         self.lock = threading.Lock()
-        self.crc = wire.CrcMemo()  # submit() is called from the server loop only
-        self.tokens = itertools.count()
+        self.crc = wire.CrcMemo()  # send() is called from the server loop only
         self.closing = False
         self.spawned: list[Child] = []  # every child ever started, for a last-resort reap
 
-    # ---- Runtime protocol -------------------------------------------------------------
+    # ---- Transport protocol -----------------------------------------------------------
     def start(self, experiment: Experiment) -> None:
         cfg = experiment.config
         self.config = cfg
@@ -196,48 +184,43 @@ class ProcessRuntime:
                                            name=f"tinyfed-child-{slot.num}")
             slot.thread.start()
 
-    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        frame = protocol.task_frame(task, weights_payload, self.crc(weights_payload))
-        job = Job(next(self.tokens), task, frame, expect,
-                  time.monotonic() + self.config.round_timeout)
+    def send(self, job: Job) -> None:
+        frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
         with self.lock:
-            self.jobs[job.token] = job
-        self.slots[task.client_id % self.workers].jobs.put(job)
+            self.live.add(job.id)
+        self.slots[job.task.client_id % self.workers].jobs.put((job, frame))
 
-    def pending(self) -> int:
+    def receive(self, timeout: float) -> Delivery | None:
+        try:
+            return self.done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def waiting(self) -> int:
+        return self.done.qsize()
+
+    def cancel(self, job: Job) -> ClientResult:
+        """A due job: never started (the listener will skip it), or its child is killed."""
         with self.lock:
-            return len(self.jobs)
-
-    def results(self, timeout: float) -> Iterator[ClientResult]:
-        """Results as they arrive; submit() may be called meanwhile. A job fails once
-        `round_timeout` has passed since its submit; when this call's `timeout` passes, the jobs
-        due by then fail (all of them if none is and nothing else has arrived)."""
-        end = time.monotonic() + timeout
-        while self.pending():
-            now = time.monotonic()
-            failed = self._expire(lambda job, now=now: job.due <= now)
-            if now >= end and not failed and self.done.empty():
-                failed = self._expire(lambda job: job.due <= end + GRACE) or self._expire(
-                    lambda job: True)
-            yield from failed
-            with self.lock:
-                if not self.jobs:
-                    return
-                wake = min(min(job.due for job in self.jobs.values()), end)
-            try:
-                token, result = self.done.get(timeout=max(wake - time.monotonic(), 0.001))
-            except queue.Empty:
-                continue
-            with self.lock:
-                job = self.jobs.pop(token, None)
-            if job is not None:  # else: a late answer to a job already failed by its deadline
-                yield result
+            self.live.discard(job.id)
+        sent = None
+        for slot in self.slots:
+            with slot.lock:
+                if slot.current == job.id and slot.child is not None:
+                    sent = slot.sent
+                    slot.doomed = True
+                    slot.child.kill()
+        limit = f"{self.config.round_timeout:g} s"
+        if sent is None:
+            return ClientResult.failure(job.task, f"deadline: not started within {limit}")
+        return ClientResult.failure(job.task, f"deadline: no reply within {limit} (child "
+                                    "killed)", bytes_down=sent)
 
     def close(self) -> None:
         """SHUTDOWN to every child, a short grace, then SIGKILL; reap all; join threads."""
         self.closing = True
         with self.lock:
-            self.jobs.clear()
+            self.live.clear()
         for slot in self.slots:
             with slot.lock:  # a child mid-task works for nobody now: stop it at once
                 if slot.current is not None and slot.child is not None:
@@ -275,26 +258,6 @@ class ProcessRuntime:
         self.spawned.append(child)
         return child
 
-    def _expire(self, due) -> list[ClientResult]:
-        """Fail the pending jobs `due(job)` selects; kill the children still working on them."""
-        with self.lock:
-            expired = {t: j for t, j in self.jobs.items() if due(j)}
-            for token in expired:
-                del self.jobs[token]
-        sent: dict[int, int] = {}
-        for slot in self.slots:
-            with slot.lock:
-                if slot.current in expired and slot.child is not None:
-                    sent[slot.current] = slot.sent
-                    slot.doomed = True
-                    slot.child.kill()
-        limit = f"{self.config.round_timeout:g} s"
-        return [ClientResult.failure(
-            job.task,
-            f"deadline: no reply within {limit} (child killed)" if token in sent
-            else f"deadline: not started within {limit}",
-            bytes_down=sent.get(token, 0)) for token, job in sorted(expired.items())]
-
     def _others_up(self, slot: Slot) -> bool:
         return any(not s.down for s in self.slots if s is not slot)
 
@@ -302,18 +265,21 @@ class ProcessRuntime:
         """One child's listener: take a job, run it on the child, report, repeat."""
         try:
             while True:
-                job = slot.jobs.get()
-                if job is None:
+                item = slot.jobs.get()
+                if item is None:
                     break
+                job, frame = item
                 with self.lock:
-                    live = job.token in self.jobs
+                    live = job.id in self.live
                 if not live:
                     continue
                 if slot.down and self.shared and self._others_up(slot):
-                    slot.jobs.put(job)  # leave it to a working child
+                    slot.jobs.put(item)  # leave it to a working child
                     return
-                result, lost = self._run(slot, job)
-                self.done.put((job.token, result))
+                result, lost = self._run(slot, job, frame)
+                with self.lock:
+                    self.live.discard(job.id)
+                self.done.put(Delivery(job, result))
                 if lost is not None:
                     self._replace(slot, lost)
         finally:
@@ -328,20 +294,20 @@ class ProcessRuntime:
             self._replace(slot, child)
         return slot.child
 
-    def _run(self, slot: Slot, job: Job) -> tuple[ClientResult, Child | None]:
+    def _run(self, slot: Slot, job: Job, frame: bytes) -> tuple[ClientResult, Child | None]:
         """Write the task, read the reply. Returns the result and the child if it was lost."""
         child = self._ready_child(slot)
         if child is None:
             return ClientResult.failure(job.task, f"worker {slot.num} is down: {slot.down}"), None
         with slot.lock:
-            slot.current, slot.sent = job.token, 0
+            slot.current, slot.sent = job.id, 0
         sent = 0
         try:
-            sent = pipeio.write_all(child.to_child, job.frame)
+            sent = pipeio.write_all(child.to_child, frame)
             slot.sent = sent
             reply = pipeio.read_frame(child.from_child, job.expect.max_frame)
         except pipeio.PipeClosed as exc:
-            up = exc.done if sent == len(job.frame) else 0
+            up = exc.done if sent == len(frame) else 0
             sent = sent or exc.done
             return self._lost(slot, child, job, f"died: {exc}", sent, up), child
         except WireError as exc:

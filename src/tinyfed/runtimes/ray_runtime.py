@@ -23,7 +23,6 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +30,8 @@ from tinyfed import protocol, wire
 from tinyfed.compress import parse_pipeline
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
-from tinyfed.protocol import ClientResult, ClientTask, Expectation
-from tinyfed.runtimes.base import GRACE, STARTUP_TIMEOUT
+from tinyfed.protocol import ClientResult, ClientTask
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster address to answer before giving up
 INSTALL_HINT = 'pip install "tinyfed[ray]"'
@@ -76,13 +75,15 @@ class ClientActor:
 
 @dataclass
 class _Job:
-    task: ClientTask
-    expect: Expectation
+    job: Job
     header_json: str
     payload_ref: Any
     frame_len: int
-    due: float  # monotonic time at which the job fails if no reply came
     slot: int = -1
+
+    @property
+    def task(self) -> ClientTask:
+        return self.job.task
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -238,14 +239,12 @@ class RayRuntime:
             self._payload = payload
         return self._payload_ref
 
-    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
+    def send(self, job: Job) -> None:
         assert self.actors, "start() first"
-        header = task.header()
-        header_json = json.dumps(header)
+        header_json = json.dumps(job.task.header())
         # frame = prefix + header + payload: its length without building it on the driver
-        frame_len = len(protocol.task_frame(task, b"")) + len(weights_payload)
-        self.queue.append(_Job(task, expect, header_json, self.payload_ref(weights_payload),
-                               frame_len, time.monotonic() + self.config.round_timeout))
+        frame_len = len(protocol.task_frame(job.task, b"")) + len(job.payload)
+        self.queue.append(_Job(job, header_json, self.payload_ref(job.payload), frame_len))
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -266,34 +265,24 @@ class RayRuntime:
             ref = self.actors[job.slot].run.remote(job.header_json, job.payload_ref)
             self.running[ref] = job
 
-    def pending(self) -> int:
-        return len(self.queue) + len(self.running)
+    def receive(self, timeout: float) -> Delivery | None:
+        """The next finished call's result, dispatching queued jobs to idle actors first."""
+        self.dispatch()
+        if not self.running:
+            return None
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        item = self.running[ready[0]]
+        result = self.collect(ready[0])
+        self.dispatch()  # keep actors busy while the server aggregates
+        return Delivery(item.job, result)
 
-    def results(self, timeout: float) -> Iterator[ClientResult]:
-        """Results as they finish. A job fails once `round_timeout` has passed since its
-        submit (its actor alone is killed and replaced); when this call's `timeout` passes,
-        the jobs due by then fail (all of them if none is and nothing else has arrived)."""
-        ray = self.ray
-        end = time.monotonic() + timeout
-        while self.queue or self.running:
-            self.dispatch()
-            now = time.monotonic()
-            failed = self.expire(lambda job, now=now: job.due <= now)
-            if now >= end and not failed:
-                failed = self.expire(lambda job: job.due <= end + GRACE) or self.expire(
-                    lambda job: True)
-            yield from failed
-            if now >= end:
-                return
-            if not self.running:
-                continue
-            wake = min([end, *(job.due for job in self.running.values())])
-            ready, _ = ray.wait(list(self.running), num_returns=1,
-                                timeout=max(wake - time.monotonic(), 0.001))
-            for ref in ready:
-                result = self.collect(ref)
-                self.dispatch()  # keep actors busy while the server aggregates
-                yield result
+    def waiting(self) -> int:
+        if not self.running:
+            return 0
+        ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+        return len(ready)
 
     def collect(self, ref) -> ClientResult:
         ray = self.ray
@@ -314,28 +303,26 @@ class RayRuntime:
         if not isinstance(reply, bytes):
             return ClientResult.failure(job.task, f"actor returned {type(reply).__name__}, "
                                         "not frame bytes", bytes_down=job.frame_len)
-        result = protocol.read_update(reply, job.expect)
+        result = protocol.read_update(reply, job.job.expect)
         result.bytes_down = job.frame_len
         return result
 
-    def expire(self, due) -> list[ClientResult]:
-        """Fail the jobs `due(job)` selects: a running one's actor is killed and replaced, a
-        queued one never started. Other tasks, running or queued, are untouched."""
+    def cancel(self, job: Job) -> ClientResult:
+        """A due job: a running one's actor is killed and replaced, a queued one never starts.
+        Other jobs, running or queued, are untouched."""
         timeout = self.config.round_timeout
-        failed = []
-        for ref, job in list(self.running.items()):
-            if due(job):
+        for ref, item in list(self.running.items()):
+            if item.job is job:
                 del self.running[ref]
-                self.replace(job.slot, kill=True)
-                self.idle.append(job.slot)
-                failed.append(ClientResult.failure(
+                self.replace(item.slot, kill=True)
+                self.idle.append(item.slot)
+                return ClientResult.failure(
                     job.task, f"deadline: no reply within round_timeout={timeout:g} s; ray "
-                    "actor killed", bytes_down=job.frame_len))
-        for job in [j for j in self.queue if due(j)]:
-            self.queue.remove(job)
-            failed.append(ClientResult.failure(job.task, "deadline: not started within "
-                                               f"round_timeout={timeout:g} s"))
-        return failed
+                    "actor killed", bytes_down=item.frame_len)
+        for item in [i for i in self.queue if i.job is job]:
+            self.queue.remove(item)
+        return ClientResult.failure(job.task, "deadline: not started within "
+                                    f"round_timeout={timeout:g} s")
 
     def close(self) -> None:
         ray = self.ray

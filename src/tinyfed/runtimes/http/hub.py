@@ -15,11 +15,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tinyfed import wire
 from tinyfed.errors import WireError
-from tinyfed.protocol import ClientResult, ClientTask, Expectation, check_update
+from tinyfed.protocol import ClientResult, ClientTask, check_update
+from tinyfed.runtimes.base import Delivery, Job
 from tinyfed.wire import Kind
 
 BOOT_HEADER = "X-Tinyfed-Boot"  # response header naming the server's boot (clients re-register)
@@ -27,15 +28,16 @@ BOOT_HEADER = "X-Tinyfed-Boot"  # response header naming the server's boot (clie
 
 @dataclass
 class Slot:
-    """One published task waiting for its answer."""
+    """One published job waiting for its answer."""
 
-    task: ClientTask
-    payload: bytes  # the round's shared weights payload, sent after a per-client head
+    job: Job
     crc: int  # the payload's CRC, computed once for every client that shares it
-    expect: Expectation
-    submitted: float = field(default_factory=time.monotonic)
     bytes_down: int = 0
     checking: bool = False
+
+    @property
+    def task(self) -> ClientTask:
+        return self.job.task
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Hub:
         self.max_frame = max_frame
         self.max_update = max_frame  # body bound of one update (set from the model's size)
         self.boot_id = uuid.uuid4().hex[:12]  # changes on every server start; clients re-register
-        self.results: queue.Queue[ClientResult] = queue.Queue()
+        self.results: queue.Queue[Delivery] = queue.Queue()
         self.counters: Counter[str] = Counter()
         self.registered: dict[int, float] = {}
         self.finished = False
@@ -90,7 +92,6 @@ class Hub:
         self._lock = threading.Lock()
         self._slots: dict[int, Slot] = {}
         self._closed: dict[int, tuple[int, bool]] = {}  # client id -> (last round, answered?)
-        self._outstanding = 0  # submitted minus taken by the server loop
         self._events: dict[int, asyncio.Event] = {}  # touched on the event loop only
         self._payload_id = 0
         self._farewell: set[int] = set()  # clients told the run is over
@@ -107,36 +108,30 @@ class Hub:
         self.model = ModelSnapshot(head, payload, version, etag)  # one reference assignment
         self._payload_id = id(payload)
 
-    def publish(self, task: ClientTask, payload: bytes, expect: Expectation) -> None:
-        """Open `task`; memory per open task is its header, the payload is shared."""
+    def publish(self, job: Job) -> None:
+        """Open `job` for its client; memory per open job is its header, the payload is shared."""
         with self._lock:
-            old = self._slots.get(task.client_id)
-            self._slots[task.client_id] = Slot(task, payload, self._crc(payload), expect)
-            self._outstanding += 1
+            old = self._slots.get(job.task.client_id)
+            self._slots[job.task.client_id] = Slot(job, self._crc(job.payload))
         if old is not None:
-            self.results.put(ClientResult.failure(old.task, "superseded by a newer task",
-                                                  bytes_down=old.bytes_down))
-        self._wake(task.client_id)
+            self.results.put(Delivery(old.job, ClientResult.failure(
+                old.task, "superseded by a newer task", bytes_down=old.bytes_down)))
+        self._wake(job.task.client_id)
 
-    def outstanding(self) -> int:
+    def cancel(self, job: Job) -> ClientResult | None:
+        """The job is due: close its task (a later upload is 409) and return its failure;
+        None when its answer is already admitted or being checked (it will be delivered)."""
+        cid = job.task.client_id
         with self._lock:
-            return self._outstanding
-
-    def taken(self) -> None:
-        with self._lock:
-            self._outstanding -= 1
-
-    def expire(self, is_due) -> int:
-        """Fail every open task for which `is_due(slot)` is true; how many failed."""
-        with self._lock:
-            late = [cid for cid, s in self._slots.items() if is_due(s)]
-            slots = [self._slots.pop(cid) for cid in late]
-            for s in slots:
-                self._closed[s.task.client_id] = (s.task.round, False)
-        for s in slots:
-            self.results.put(ClientResult.failure(
-                s.task, "deadline passed: no update from the client", bytes_down=s.bytes_down))
-        return len(slots)
+            slot = self._slots.get(cid)
+            if slot is None or slot.job is not job:
+                return None  # answered, superseded or failed: its delivery is queued
+            if slot.checking:
+                return None  # an upload is being checked: its verdict will be delivered
+            del self._slots[cid]
+            self._closed[cid] = (slot.task.round, False)
+        return ClientResult.failure(slot.task, "deadline passed: no update from the client",
+                                    bytes_down=slot.bytes_down)
 
     def finish(self) -> None:
         """The run is over: waiting and future task requests get 410."""
@@ -151,10 +146,11 @@ class Hub:
             slot = self._slots.get(client_id)
             if slot is None or slot.checking:
                 return None
-        head = wire.encode_head(Kind.TASK, slot.task.header(), slot.payload, slot.crc)
+        payload = slot.job.payload
+        head = wire.encode_head(Kind.TASK, slot.task.header(), payload, slot.crc)
         with self._lock:
-            slot.bytes_down += len(head) + len(slot.payload)
-        return head, slot.payload
+            slot.bytes_down += len(head) + len(payload)
+        return head, payload
 
     async def wait_task(self, client_id: int, wait: float) -> tuple[bytes, bytes] | None:
         """Long-poll: this client's task frame in two parts, or None after `wait` seconds or at
@@ -195,7 +191,7 @@ class Hub:
             slot.checking = True
         rejected = ""
         try:
-            result = check_update(body, slot.expect)
+            result = check_update(body, slot.job.expect)
         except WireError as exc:
             rejected = str(exc)
             result = ClientResult.failure(slot.task, f"rejected update: {exc}",
@@ -212,7 +208,7 @@ class Hub:
             del self._slots[client_id]
             self._closed[client_id] = (slot.task.round, True)
         result.bytes_down = slot.bytes_down
-        self.results.put(result)
+        self.results.put(Delivery(slot.job, result))
         if rejected:
             self.count(422)
             raise Verdict(422, f"rejected update: {rejected}")
@@ -227,8 +223,8 @@ class Hub:
                 return
             del self._slots[client_id]
             self._closed[client_id] = (slot.task.round, True)
-        self.results.put(ClientResult.failure(slot.task, reason, bytes_down=slot.bytes_down,
-                                              bytes_up=size))
+        self.results.put(Delivery(slot.job, ClientResult.failure(
+            slot.task, reason, bytes_down=slot.bytes_down, bytes_up=size)))
 
     def _conflict(self, client_id: int, rnd, slot: Slot | None) -> str:
         """Why an update has no open task: a duplicate, a late one, or unknown."""

@@ -1,9 +1,10 @@
-"""HttpRuntime: the server side of the Runtime protocol, over a FastAPI app in a uvicorn thread.
+"""HttpRuntime: the HTTP transport, a FastAPI app in a uvicorn thread.
 
-`submit` publishes a task for its client and returns; remote clients long-poll for it, train
-with the same `ClientWorker` every runtime uses, and post the update frame back; `results`
-yields each admitted (validated) update as it arrives and a failure for every task whose
-deadline passed. The server loop stays in the main thread and never sees HTTP.
+`send` publishes a job for its client and returns; remote clients long-poll for it, train with
+the same `ClientWorker` every runtime uses, and post the update frame back; the handlers check
+it (on their own threads) and `receive` delivers each admitted update or failure as it arrives.
+`cancel` closes a job the dispatcher found due (a later upload for it is 409). The server loop
+stays in the main thread and never sees HTTP.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from tinyfed.checkpoint import atomic_write
 from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
-from tinyfed.protocol import ClientResult, ClientTask, Expectation
-from tinyfed.runtimes.base import GRACE
+from tinyfed.protocol import ClientResult
+from tinyfed.runtimes.base import Delivery, Job
 from tinyfed.runtimes.http.app import create_app
 from tinyfed.runtimes.http.auth import TokenBook, new_token
 from tinyfed.runtimes.http.conn import protocol_class
@@ -157,34 +157,23 @@ class HttpRuntime:
         self._thread.join(10)
         self._server = None
 
-    # ---- the Runtime protocol -----------------------------------------------------------
-    def submit(self, task: ClientTask, weights_payload: bytes, expect: Expectation) -> None:
-        self.hub.set_model(weights_payload, task.version)
-        self.hub.publish(task, weights_payload, expect)
+    # ---- the Transport protocol ---------------------------------------------------------
+    def send(self, job: Job) -> None:
+        self.hub.set_model(job.payload, job.task.version)
+        self.hub.publish(job)
 
-    def pending(self) -> int:
-        return self.hub.outstanding()
+    def receive(self, timeout: float) -> Delivery | None:
+        try:
+            return self.hub.results.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
-    def ready(self) -> int:
-        """Results admitted and waiting: `results()` yields this many without waiting."""
+    def waiting(self) -> int:
         return self.hub.results.qsize()
 
-    def results(self, timeout: float) -> Iterator[ClientResult]:
-        """Results as they arrive. Each task fails once `round_timeout` has passed since it was
-        published; when this call's `timeout` passes, the tasks due by then fail (all of them if
-        none is). submit() may be called while this is iterated."""
-        end = time.monotonic() + timeout
-        own = float(self.config.round_timeout)
-        while self.hub.outstanding() > 0:
-            now = time.monotonic()
-            if now < end:
-                self.hub.expire(lambda slot, now=now: slot.submitted + own <= now)
-            elif (not self.hub.expire(lambda slot: slot.submitted + own <= end + GRACE)
-                  and self.hub.results.empty()):
-                self.hub.expire(lambda slot: True)
-            try:
-                result = self.hub.results.get(timeout=max(0.0, min(0.2, end - now)) or 0.01)
-            except queue.Empty:
-                continue
-            self.hub.taken()
-            yield result
+    def ready(self) -> int:
+        """Results admitted and waiting: the async loop merges them before dispatching."""
+        return self.hub.results.qsize()
+
+    def cancel(self, job: Job) -> ClientResult | None:
+        return self.hub.cancel(job)
