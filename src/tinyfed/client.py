@@ -49,13 +49,21 @@ def task_seed(run_seed: int, round_num: int, client_id: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# Client optimizers by name: the one list the config, the CLI and training read.
+OPTIMIZERS = {
+    "sgd": lambda params, s: torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
+                                             weight_decay=s.weight_decay),
+    "adam": lambda params, s: torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay),
+}
+
+
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     """A fresh optimizer every round: no optimizer state crosses rounds."""
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
+    make = OPTIMIZERS.get(settings.optimizer)
+    if make is None:
+        raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: "
+                         f"{', '.join(OPTIMIZERS)}")
+    return make(params, settings)
 
 
 def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int) -> dict[str, float]:

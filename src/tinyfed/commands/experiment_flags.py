@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from tinyfed.config import Config, load_config, parse_set
+from tinyfed.config import REGISTRIES, Config, load_config, parse_set, registry_names
 
 BOOLEAN = object()  # marker: a --flag / --no-flag pair
 
@@ -32,6 +32,8 @@ def flag_help(name: str) -> str:
     text = field.description or name.replace("_", " ")
     allowed = typing.get_args(field.annotation) \
         if typing.get_origin(field.annotation) is Literal else ()
+    if name in REGISTRIES:
+        allowed = registry_names(name)
     if allowed:
         text += f": {' | '.join(map(str, allowed))}"
     if field.default not in (None, ""):

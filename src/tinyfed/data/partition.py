@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from tinyfed.errors import DataError
-
-PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet", "ranges", "classes")
 
 
 def _as_labels(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -164,18 +162,27 @@ def partition(
                         f"use at most {y.size} clients")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise DataError(f"seed must be an integer (got {seed!r})")
-    rng = np.random.default_rng(seed)
-    k = int(num_clients)
-    if scheme == "iid":
-        return _iid(y.size, k, rng)
-    if scheme == "shards":
-        _positive("shards_per_client", shards_per_client)
-        return _shards(y, k, int(shards_per_client), rng)
-    if scheme == "dirichlet":
-        return _dirichlet(y, k, alpha, min_size, max_retries, rng)
-    if scheme == "ranges":
-        return _ranges(y.size, k, range_size)
-    return _classes(y, k, classes_per_client, rng)
+    options = dict(alpha=alpha, shards_per_client=shards_per_client,
+                   classes_per_client=classes_per_client, min_size=min_size,
+                   range_size=range_size, max_retries=max_retries)
+    return SCHEMES[scheme](y, int(num_clients), np.random.default_rng(seed), options)
+
+
+def _shards_scheme(y, k, rng, o) -> list[np.ndarray]:
+    _positive("shards_per_client", o["shards_per_client"])
+    return _shards(y, k, int(o["shards_per_client"]), rng)
+
+
+# The partition schemes by name: the one list the config, the CLI and `partition` read.
+SCHEMES: dict[str, Callable[[np.ndarray, int, np.random.Generator, dict], list[np.ndarray]]] = {
+    "iid": lambda y, k, rng, o: _iid(y.size, k, rng),
+    "shards": _shards_scheme,
+    "dirichlet": lambda y, k, rng, o: _dirichlet(y, k, o["alpha"], o["min_size"],
+                                                 o["max_retries"], rng),
+    "ranges": lambda y, k, rng, o: _ranges(y.size, k, o["range_size"]),
+    "classes": lambda y, k, rng, o: _classes(y, k, o["classes_per_client"], rng),
+}
+PARTITIONS: tuple[str, ...] = tuple(SCHEMES)
 
 
 def label_histogram(labels: torch.Tensor | np.ndarray, parts: list[np.ndarray],

@@ -3,9 +3,13 @@ under the one dispatcher."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tinyfed.errors import ConfigError
 from tinyfed.extras import require
-from tinyfed.runtimes.base import Runtime
+
+if TYPE_CHECKING:  # the names stay importable without torch (the config checks against them)
+    from tinyfed.runtimes.base import Runtime
 
 RUNTIMES: dict[str, str] = {
     "inprocess": "tinyfed.runtimes.inprocess:InProcessRuntime",
