@@ -11,6 +11,7 @@ rule at the end of a `results()` call is the same for every transport: the jobs 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -58,17 +59,16 @@ class Dispatcher:
         ended = False
         while self.jobs:
             now = time.monotonic()
-            failed = self.expire(lambda job, now=now: job.due <= now)
+            failed = self.expire(now)
             if now >= end and not ended:
                 ended = True
                 if not failed and not self.transport.waiting():
-                    failed = self.expire(lambda job: job.due <= end + GRACE) or self.expire(
-                        lambda job: True)
+                    failed = self.expire(end + GRACE) or self.expire(math.inf)
             yield from failed
             if not self.jobs or (ended and not self.transport.waiting()):
                 return
-            live = [j.due for j in self.jobs.values() if j.id not in self.answered]
-            wake = min([end, *live]) if not ended else now
+            oldest = next((j.due for j in self.jobs.values() if j.id not in self.answered), end)
+            wake = min(end, oldest) if not ended else now
             got = self.transport.receive(max(wake - time.monotonic(), 0.001))
             result = self.take(got) if got is not None else None
             if result is not None:
@@ -90,11 +90,18 @@ class Dispatcher:
         self.answered.discard(job.id)
         return got.result
 
-    def expire(self, due) -> list[ClientResult]:
-        """Fail the pending jobs `due(job)` selects (their transport cancels them), except
-        those whose result the transport already holds."""
+    def expire(self, until: float) -> list[ClientResult]:
+        """Fail the pending jobs due by `until` (their transport cancels them), except those
+        whose result the transport already holds. Jobs are kept in submit order with one
+        timeout, so their deadlines ascend: the scan stops at the first one not due."""
+        due = []
+        for job in self.jobs.values():
+            if job.due > until:
+                break
+            if job.id not in self.answered:
+                due.append(job)
         failed = []
-        for job in [j for j in self.jobs.values() if j.id not in self.answered and due(j)]:
+        for job in due:
             result = self.transport.cancel(job)
             if result is None:
                 self.answered.add(job.id)
