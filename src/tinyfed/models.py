@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from tinyfed.errors import ConfigError
+from tinyfed.importpath import load_callable
 
 ModelFactory = Callable[[tuple[int, int, int], int], nn.Module]
 
@@ -97,17 +95,7 @@ def resolve_factory(name: str) -> ModelFactory:
         return BUILTIN[name]
     if name in REGISTERED:
         return REGISTERED[name]
-    module_name, _, attr = name.partition(":")
-    if os.getcwd() not in sys.path:  # `module:factory` names a module of the user's project
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model {name!r}: cannot import module {module_name!r} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model {name!r}: {module_name} has no callable {attr!r}")
-    return factory
+    return load_callable(name, "model", ConfigError)
 
 
 def build_model(

@@ -16,15 +16,13 @@ start other processes need the `module:factory` form, which every process can im
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from typing import Any
 
 import torch
 
 from tinyfed.data.dataset import Dataset
 from tinyfed.errors import DataError
+from tinyfed.importpath import load_callable
 
 REGISTERED: dict[str, Any] = {}  # name -> object, for data sets given from Python
 MAX_CLASSES = 10_000
@@ -50,28 +48,13 @@ def load_user_dataset(name: str) -> Dataset:
             raise DataError(f"dataset {name!r} was given as a Python object in another process; "
                             "use a 'package.module:factory' name for runtimes that start "
                             "processes")
-        factory = _import(name)
+        factory = load_callable(name, "dataset", DataError)
         try:
             obj = factory()
         except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
             raise DataError(f"dataset {name!r}: the factory raised {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300]) from None
     return as_dataset(obj, name)
-
-
-def _import(name: str):
-    module_name, _, attr = name.partition(":")
-    if os.getcwd() not in sys.path:  # `module:factory` names a module of the user's project
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DataError(f"dataset {name!r}: cannot import module {module_name!r} ({exc})") \
-            from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise DataError(f"dataset {name!r}: {module_name} has no callable {attr!r}")
-    return factory
 
 
 def as_dataset(obj: Any, name: str) -> Dataset:

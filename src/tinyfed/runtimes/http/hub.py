@@ -121,17 +121,22 @@ class Hub:
     def cancel(self, job: Job) -> ClientResult | None:
         """The job is due: close its task (a later upload is 409) and return its failure;
         None when its answer is already admitted or being checked (it will be delivered)."""
-        cid = job.task.client_id
-        with self._lock:
-            slot = self._slots.get(cid)
-            if slot is None or slot.job is not job:
-                return None  # answered, superseded or failed: its delivery is queued
-            if slot.checking:
-                return None  # an upload is being checked: its verdict will be delivered
-            del self._slots[cid]
-            self._closed[cid] = (slot.task.round, False)
+        slot = self._close_open(job.task.client_id, job, answered=False)
+        if slot is None:  # answered, superseded, failed, or being checked: it will be delivered
+            return None
         return ClientResult.failure(slot.task, "deadline passed: no update from the client",
                                     bytes_down=slot.bytes_down)
+
+    def _close_open(self, client_id: int, job: Job | None, answered: bool) -> Slot | None:
+        """Take this client's open slot (of `job`, if given) unless an upload for it is being
+        checked; later uploads for it are then 409."""
+        with self._lock:
+            slot = self._slots.get(client_id)
+            if slot is None or slot.checking or (job is not None and slot.job is not job):
+                return None
+            del self._slots[client_id]
+            self._closed[client_id] = (slot.task.round, answered)
+        return slot
 
     def finish(self) -> None:
         """The run is over: waiting and future task requests get 410."""
@@ -217,12 +222,9 @@ class Hub:
     def _fail_open(self, client_id: int, reason: str, size: int) -> None:
         """A frame too broken to say which task it answers fails this client's open task, as a
         bad frame does in every runtime (rather than holding it to its deadline)."""
-        with self._lock:
-            slot = self._slots.get(client_id)
-            if slot is None or slot.checking:
-                return
-            del self._slots[client_id]
-            self._closed[client_id] = (slot.task.round, True)
+        slot = self._close_open(client_id, None, answered=True)
+        if slot is None:
+            return
         self.results.put(Delivery(slot.job, ClientResult.failure(
             slot.task, reason, bytes_down=slot.bytes_down, bytes_up=size)))
 
