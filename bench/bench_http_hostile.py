@@ -1,10 +1,9 @@
 """Honest clients under attack: a real `tinyfed serve` (2NN, synchronous FedAvg, 20,000 synthetic
-examples over 4 clients)
-with real `tinyfed client` processes, while H hostile connections (0, 8, 64) hold the server:
-a third open and send nothing, a third trickle request headers, a third announce an upload of
-the model's size and send ten bytes, on the token of an enrolled device (id 4, holding no task)
-that misbehaves. Each hostile connection
-reconnects as soon as the server drops it, until the run ends.
+examples over 4 clients) with real `tinyfed client` processes, while H hostile connections (0, 8,
+64) hold the server: a third open and send nothing, a third trickle request headers, a third
+announce an upload of the model's size and send ten bytes, on the token of an enrolled device
+(id 4, holding no task) that misbehaves. Each hostile connection reconnects as soon as the
+server drops it, until the run ends.
 
 Prints, per H: the honest rounds' median seconds and updates/s, the server's RSS before the
 attack (after round 1), its peak during the attack and after it (once the attackers stopped and

@@ -27,8 +27,7 @@ def make_task(exp: Experiment, cid: int, rnd: int) -> tuple[ClientTask, Expectat
     cfg = exp.config
     task = ClientTask(cid, rnd, task_seed(cfg.seed, rnd, cid),
                       TrainSettings(cfg.epochs, cfg.batch_size, lr=cfg.lr), version=rnd - 1)
-    expect = Expectation(task, exp.initial, exp.spec, exp.shard_size(cid),
-                         int(cfg.max_frame_mb * (1 << 20)))
+    expect = Expectation(task, exp.initial, exp.spec, exp.shard_size(cid), cfg.max_frame)
     return task, expect
 
 

@@ -47,11 +47,11 @@ class InProcessRuntime:
         return Delivery(job, result)
 
     def cancel(self, job: Job) -> ClientResult:
+        """A due job is still queued (a running one cannot be stopped here): it never starts."""
         if job in self.queue:
             self.queue.remove(job)
-        return ClientResult.failure(job.task, "deadline: not started within round_timeout="
-                                    f"{self.config.round_timeout:g} s" if self.config else
-                                    "deadline: not started")
+        limit = f" within round_timeout={self.config.round_timeout:g} s" if self.config else ""
+        return ClientResult.failure(job.task, f"deadline: not started{limit}")
 
     def close(self) -> None:
         self.queue.clear()

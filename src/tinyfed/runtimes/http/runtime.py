@@ -169,11 +169,11 @@ class HttpRuntime:
             return None
 
     def waiting(self) -> int:
+        """Results admitted and queued (the async loop merges these before dispatching, so
+        this transport offers the same count as `ready`)."""
         return self.hub.results.qsize()
 
-    def ready(self) -> int:
-        """Results admitted and waiting: the async loop merges them before dispatching."""
-        return self.hub.results.qsize()
+    ready = waiting
 
     def cancel(self, job: Job) -> ClientResult | None:
         return self.hub.cancel(job)
