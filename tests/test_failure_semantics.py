@@ -95,5 +95,7 @@ def test_a_client_process_that_dies_fails_alone_and_the_next_task_is_served(
     if runtime != "http" and mode == "sync":
         assert len(failures(res)) == 1
     assert len(failures(res)) <= 1
-    last = res.state.records[-1]
-    assert last["clients_failed"] == 0  # the client is served again after its process died
+    if mode == "sync":  # the client is served again after its process died
+        assert res.state.records[-1]["clients_failed"] == 0
+    else:  # the merges went on to the end; where the death lands depends on the clock
+        assert sum(r["clients_succeeded"] for r in res.state.records) == 3 * 4
