@@ -215,6 +215,34 @@ def test_bus_watch_sends_resumed_history_and_live_records_once(tmp_path):
     assert len(hub.snapshot()["runs"][0]["records"]) == 4
 
 
+def test_progress_inside_a_round_reaches_the_stream_latest_only_and_never_the_log(tmp_path):
+    bus = EventBus()
+    hub = Hub()
+    watch = RunWatch(hub, "live", tmp_path, bus=bus, config=small_config())
+    bus.publish(rec(1, wall_seconds=2.0))
+    logged = len(hub)
+    for done in (1, 2):  # round 2: 2 s per client so far, 4 planned, 3 rounds in the run
+        bus.notify({"kind": "progress", "round": 2, "done": done, "planned": 4, "failed": 0,
+                    "bytes": 1500 * done, "seconds": 2.0 * done, "rounds": 3,
+                    "elapsed_seconds": 2.0 + 2.0 * done})
+    assert len(hub) == logged  # transient: the replayable log did not grow
+
+    async def scenario():
+        gen = event_stream(hub, None, poll=0.01)
+        return parse_sse(await take(gen, 2 + logged + 1))
+
+    events = asyncio.run(scenario())
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) == 1 and progress[0]["id"] is None  # the latest only, no id
+    # round ETA = 4 s elapsed × 2 clients to come / 2 done; run ETA adds 1 round × 2 s mean
+    assert progress[0]["data"]["text"] == (
+        "round 2: 2/4 clients · 3.00 kB so far · round ETA 4 s · run ETA 6 s")
+    watch.close()
+    bus.notify({"kind": "progress", "round": 3, "done": 1, "planned": 4, "failed": 0,
+                "bytes": 1, "seconds": 1.0, "rounds": 3, "elapsed_seconds": 9.0})
+    assert hub.progress_since(0)[1][0]["round"] == 2  # a closed watch hears nothing more
+
+
 def test_http_routes_serve_page_static_files_and_event_stream(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rec(1)) + "\nbroken\n")
     dash = Dashboard(log=lambda m: None, poll_seconds=0.05)

@@ -117,22 +117,28 @@ def read_metrics(path: Path) -> list[dict]:
 
 def test_run_with_dashboard_plots_live_rounds_that_match_metrics(browser, tmp_path, cli_env):
     out = tmp_path / "run"
+    # client 3 answers round 2 after 4 s: the page must show that round in progress meanwhile
+    env = {**cli_env, "TINYFED_TEST_FAULT": "sleep=4:3:2"}
     run = Proc(["run", "--dataset", "synthetic", "--set", "synthetic_size=600", "--model",
                 "mlp128", "--clients", "4", "--rounds", "4", "--seed", "5",
                 "--plain", "--out", str(out), "--dashboard", "--dashboard-port", "0"],
-               cli_env, tmp_path)
+               env, tmp_path)
     try:
         url = run.read_until(r"dashboard: (http://127\.0\.0\.1:\d+/)").group(1)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
+        page.wait_for_function("(window.tinyfedProgress || '').includes('round 2: 3/4 clients')",
+                               timeout=WAIT_MS)
+        assert page.is_visible("#progress")
         page.wait_for_function(
             "+document.querySelector('#chart-accuracy')?.dataset.points >= 2", timeout=WAIT_MS)
         seen_first = points(page)
         run.read_until(r"dashboard: run finished")
         page.wait_for_function(
             "+document.querySelector('#chart-accuracy').dataset.points === 4", timeout=WAIT_MS)
+        page.wait_for_function("window.tinyfedProgress === ''", timeout=WAIT_MS)  # all in
         page.click("#card-records summary")
         records = read_metrics(out / "metrics.jsonl")
         assert [r["round"] for r in records] == [1, 2, 3, 4]
@@ -221,6 +227,7 @@ def test_dashboard_tails_a_folder_reports_bad_lines_and_survives_a_restart(
         page.wait_for_function(
             "+document.querySelector('#chart-accuracy').dataset.points === 3", timeout=WAIT_MS)
         page.wait_for_selector("#status[data-state=live]", timeout=WAIT_MS)
+        page.wait_for_function("window.tinyfedProgress === ''", timeout=WAIT_MS)  # all in
         page.click("#card-records summary")
         good = [json.loads(line) for line in lines]
         assert_page_matches(page, good)  # three rounds, none twice

@@ -113,7 +113,8 @@ def test_missing_data_names_every_place_and_the_fix(tmp_path: Path) -> None:
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
     with pytest.raises(DataError, match="not a folder"):
         load_dataset("mnist", str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="choose one of fmnist, mnist, cifar10, synthetic"):
+    with pytest.raises(DataError, match="choose one of fmnist, mnist, cifar10, synthetic or "
+                                        "package.module:factory"):
         load_dataset("imagenet")
 
 

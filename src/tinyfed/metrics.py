@@ -64,6 +64,11 @@ class EventBus:
         with self._lock:
             self._watchers.append(watcher)
 
+    def unwatch(self, watcher: Sink) -> None:
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
     def notify(self, event: Record) -> None:
         with self._lock:
             watchers = list(self._watchers)

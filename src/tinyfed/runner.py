@@ -25,13 +25,12 @@ from tinyfed.metrics import (
     records_at,
     rounds_to_target,
 )
+from tinyfed.policies import MODES
 from tinyfed.progress import Progress
 from tinyfed.rundir import RunDir
 from tinyfed.runtimes import make_runtime
 from tinyfed.runtimes.base import Runtime
 from tinyfed.runtimes.dispatch import as_runtime
-from tinyfed.server import Server
-from tinyfed.strategies import make_async_rule, make_strategy
 from tinyfed.wire import encode_tensors
 from tinyfed.worker import configure_torch
 
@@ -83,15 +82,10 @@ def restore(server, run_dir: RunDir, sink: JsonlSink, bus: EventBus) -> None:
 def make_server(
     config: Config, experiment: Experiment, runtime, bus: EventBus, run_dir: RunDir,
     strategy=None,
-) -> Server:
-    """Synchronous rounds or asynchronous merging, over the same runtime either way.
-    `strategy` is a strategy object given from Python (else the config's name is looked up)."""
-    if config.mode == "async":
-        from tinyfed.async_loop import AsyncServer
-
-        return AsyncServer(experiment, runtime, make_async_rule(config), bus, run_dir.checkpoints)
-    return Server(experiment, runtime, strategy or make_strategy(config), bus,
-                  run_dir.checkpoints)
+):
+    """The config's mode (policies.MODES) over the runtime. `strategy` is a strategy object
+    given from Python (else the config's name is looked up)."""
+    return MODES[config.mode](experiment, runtime, bus, run_dir.checkpoints, strategy)
 
 
 def execute(

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from tinyfed.config import REGISTRIES, Config, load_config, parse_set, registry_names
+from tinyfed.config import IMPORTABLE, REGISTRIES, Config, load_config, parse_set, registry_names
 
 BOOLEAN = object()  # marker: a --flag / --no-flag pair
 
@@ -34,6 +34,8 @@ def flag_help(name: str) -> str:
         if typing.get_origin(field.annotation) is Literal else ()
     if name in REGISTRIES:
         allowed = registry_names(name)
+        if name in IMPORTABLE:
+            allowed = (*allowed, f"package.module:{IMPORTABLE[name]}")
     if allowed:
         text += f": {' | '.join(map(str, allowed))}"
     if field.default not in (None, ""):

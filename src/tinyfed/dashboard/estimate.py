@@ -9,20 +9,16 @@ from __future__ import annotations
 from tinyfed.config import Config
 
 
-def input_shape(dataset: str) -> tuple[int, int, int]:
-    return (3, 32, 32) if dataset == "cifar10" else (1, 28, 28)
-
-
 def payload_bytes(config: Config) -> int | None:
     """len(wire.encode_tensors(initial weights)), or None if the model cannot be built here
     (a user model whose module is not importable by the dashboard)."""
     from tinyfed import wire
-    from tinyfed.data.dataset import CLASS_NAMES
+    from tinyfed.data.sources import SOURCES
     from tinyfed.models import build_model, state_of
 
     try:
-        model = build_model(config.model, input_shape(config.dataset),
-                            len(CLASS_NAMES[config.dataset]), config.seed)
+        source = SOURCES[config.dataset]  # a user's data set: not known without loading it
+        model = build_model(config.model, source.shape, len(source.classes), config.seed)
         return len(wire.encode_tensors(state_of(model)))
     except Exception:  # noqa: BLE001 - the page just omits the estimate line
         return None

@@ -25,6 +25,8 @@ class Hub:
         self._lock = threading.Lock()
         self._runs: list[dict[str, Any]] = []
         self._seq: list[int] = []
+        self._progress: dict[int, tuple[int, Event]] = {}  # run -> (version, latest progress)
+        self._progress_version = 0
         self.closed = False
 
     # ---- writers (source threads) ----
@@ -66,7 +68,20 @@ class Hub:
             self._seq[index] = 0
             self._events.append({"type": "reset", "run": index})
 
+    def set_progress(self, index: int, progress: dict[str, Any]) -> None:
+        """The round in progress of run `index`: transient, only the latest is kept (never in
+        the log), so a long run's progress costs no memory and a replay never redraws it."""
+        with self._lock:
+            self._progress_version += 1
+            self._progress[index] = (self._progress_version, {"run": index, **progress})
+
     # ---- readers (streams) ----
+    def progress_since(self, version: int) -> tuple[int, list[Event]]:
+        """Progress events newer than `version` (one per run, the latest), and the version."""
+        with self._lock:
+            return self._progress_version, [ev for v, ev in self._progress.values()
+                                            if v > version]
+
     def since(self, position: int) -> list[Event]:
         with self._lock:
             return self._events[position:]

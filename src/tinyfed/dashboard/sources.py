@@ -18,6 +18,7 @@ from tinyfed.dashboard.estimate import payload_bytes
 from tinyfed.dashboard.hub import Hub
 from tinyfed.errors import TinyfedError
 from tinyfed.metrics import EventBus
+from tinyfed.progress import status
 from tinyfed.rundir import CONFIG, METRICS, PARTITION
 
 Log = Callable[[str], None]
@@ -72,15 +73,29 @@ class RunWatch:
         if config is not None:
             hub.update_run(self.index, **config_meta(config))
             self._stamps[CONFIG] = -1.0  # config given: never read it from the folder
+        self._round_seconds: list[float] = []
         if bus is not None:
+            self._round_seconds = [float(r.get("wall_seconds") or 0.0) for r in bus.history
+                                   if r.get("kind", "round") == "round"]
             bus.subscribe(self._on_record)
+            bus.watch(self._on_progress)
 
     def close(self) -> None:
         if self.bus is not None:
             self.bus.unsubscribe(self._on_record)
+            self.bus.unwatch(self._on_progress)
 
-    def _on_record(self, _record: dict[str, Any]) -> None:
+    def _on_record(self, record: dict[str, Any]) -> None:
+        if record.get("kind", "round") == "round":
+            self._round_seconds.append(float(record.get("wall_seconds") or 0.0))
         self.poll()
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        """The round in progress, with the console's own words for it (one ETA rule)."""
+        self.hub.set_progress(self.index, {
+            "round": event["round"], "done": event["done"], "planned": event["planned"],
+            "failed": event["failed"], "bytes": event["bytes"],
+            "text": status(event, self._round_seconds)})
 
     def poll(self) -> None:
         with self._lock:

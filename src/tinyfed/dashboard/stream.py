@@ -31,13 +31,16 @@ async def event_stream(
     resumed = position > 0
     yield f"retry: {RETRY_MS}\n\n"
     yield format_sse("hello", {"boot": hub.boot, "resumed": resumed})
-    idle = 0.0
+    idle, seen = 0.0, 0
     while not hub.closed:
         events = hub.since(position)
         for ev in events:
             yield format_sse(ev["type"], ev, f"{hub.boot}:{position}")
             position += 1
-        if events:
+        seen, progress = hub.progress_since(seen)
+        for ev in progress:  # no id: progress is transient, a reconnect gets the latest anew
+            yield format_sse("progress", ev)
+        if events or progress:
             idle = 0.0
             continue
         if disconnected is not None and await disconnected():

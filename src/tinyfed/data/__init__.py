@@ -1,13 +1,13 @@
 """Data sets (find, verify, download, synthetic) and how they are split among clients."""
 
-from tinyfed.data.dataset import DATASETS, NORMALIZATION, Dataset
+from tinyfed.data.dataset import Dataset, Source
 from tinyfed.data.partition import PARTITIONS, label_histogram, partition
-from tinyfed.data.sources import cache_dir, find_dataset_files, load_dataset
+from tinyfed.data.sources import SOURCES, cache_dir, find_dataset_files, load_dataset
 
 __all__ = [
-    "DATASETS",
-    "NORMALIZATION",
+    "SOURCES",
     "PARTITIONS",
+    "Source",
     "Dataset",
     "cache_dir",
     "find_dataset_files",

@@ -15,7 +15,7 @@ import numpy as np
 
 from tinyfed.data import checksums, cifar, idx
 from tinyfed.data import download as fetcher
-from tinyfed.data.dataset import DATASETS, Dataset, build_dataset
+from tinyfed.data.dataset import Dataset, Source, Split, build_dataset
 from tinyfed.data.synthetic import make_synthetic
 from tinyfed.errors import DataError
 
@@ -60,10 +60,11 @@ def cache_dir() -> Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
         raise DataError("the synthetic data set is generated in memory and has no files")
+    if name not in SUBFOLDERS:
+        raise DataError(f"unknown data set {name!r}; the sets with files are "
+                        f"{', '.join(SUBFOLDERS)}")
 
 
 def _candidates(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
@@ -174,33 +175,66 @@ def _read_idx_set(name: str, folder: Path) -> tuple[tuple[np.ndarray, np.ndarray
             (arrays["test_x"][:, None], arrays["test_y"]))
 
 
+def _fetched(name: str, data_dir: str | None, download: bool) -> Path:
+    """The path to read for a file-backed set: found in the lookup order, else downloaded."""
+    path, places = _locate(name, data_dir)
+    if path is not None:
+        return path
+    if not download:
+        raise _not_found(name, places, " and downloading is off")
+    try:
+        return _download(name)
+    except DataError as e:
+        raise _not_found(name, places, f" and {e}") from None
+
+
+def _load_idx(name: str, data_dir: str | None, download: bool, _size: int) -> tuple[Split, Split]:
+    return _read_idx_set(name, _fetched(name, data_dir, download))
+
+
+def _load_cifar(name: str, data_dir: str | None, download: bool,
+                _size: int) -> tuple[Split, Split]:
+    path = _fetched(name, data_dir, download)
+    if path.is_file():
+        checksums.verify(path, checksums.CIFAR10_TARBALL_MD5, "md5")
+    return cifar.read_cifar10(path)
+
+
+def _load_synthetic(name: str, _dir: str | None, _download: bool,
+                    size: int) -> tuple[Split, Split]:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 10:
+        raise DataError(f"synthetic_size must be a whole number >= 10 (got {size!r})")
+    return make_synthetic(size)
+
+
+# Built-in data sets by name: the one list the config, the CLI's help and loading read. A
+# loader takes (name, data_dir, download, synthetic_size) and returns uint8 (train, test)
+# splits; the entry's constants make them tensors (fixed per set, never computed per run).
+SOURCES: dict[str, Source] = {
+    "fmnist": Source(_load_idx, (0.2860,), (0.3530,), (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), (1, 28, 28)),
+    "mnist": Source(_load_idx, (0.1307,), (0.3081,), tuple(str(i) for i in range(10)),
+                    (1, 28, 28)),
+    "cifar10": Source(_load_cifar, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck"), (3, 32, 32)),
+    "synthetic": Source(_load_synthetic, (0.2524,), (0.2043,),
+                        tuple(f"pattern-{i}" for i in range(10)), (1, 28, 28)),
+}
+
+
 def load_dataset(name: str, data_dir: str | None = None, *, download: bool = True,
                  synthetic_size: int = 3000) -> Dataset:
-    """Find, verify and decode `name` into normalized tensors (see DATASETS), or a user's
+    """Find, verify and decode `name` into normalized tensors (see SOURCES), or a user's
     data set by `package.module:factory` (see `data.user`)."""
     from tinyfed.data.user import is_user_name, load_user_dataset
 
     if is_user_name(name):
         return load_user_dataset(name)
-    if name == "synthetic":
-        if isinstance(synthetic_size, bool) or not isinstance(synthetic_size, int) \
-                or synthetic_size < 10:
-            raise DataError(f"synthetic_size must be a whole number >= 10 (got {synthetic_size!r})")
-        train, test = make_synthetic(synthetic_size)
-        return build_dataset(name, train, test)
-    _check_name(name)
-    path, places = _locate(name, data_dir)
-    if path is None:
-        if not download:
-            raise _not_found(name, places, " and downloading is off")
-        try:
-            path = _download(name)
-        except DataError as e:
-            raise _not_found(name, places, f" and {e}") from None
-    if name == "cifar10":
-        if path.is_file():
-            checksums.verify(path, checksums.CIFAR10_TARBALL_MD5, "md5")
-        train, test = cifar.read_cifar10(path)
-    else:
-        train, test = _read_idx_set(name, path)
-    return build_dataset(name, train, test)
+    source = SOURCES.get(name)
+    if source is None:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(SOURCES)} or "
+                        f"package.module:factory")
+    train, test = source.load(name, data_dir, download, synthetic_size)
+    return build_dataset(name, train, test, source)

@@ -48,6 +48,10 @@
       if (!r.problems.includes(ev.message)) r.problems.push(ev.message);
     } else if (type === "reset") {
       run(ev.run).records.clear();
+    } else if (type === "progress") {  // frequent: redraw the line alone, not the charts
+      run(ev.run).progress = ev;
+      drawProgress();
+      return;
     }
     schedule();
   }
@@ -68,7 +72,7 @@
       setStatus("live", "live");
       schedule();
     });
-    for (const type of ["meta", "record", "problem", "reset"]) {
+    for (const type of ["meta", "record", "problem", "reset", "progress"]) {
       source.addEventListener(type, (e) => handle(type, JSON.parse(e.data)));
     }
     source.onopen = () => setStatus("live", "live");
@@ -237,6 +241,21 @@
     return String(s).replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[ch]);
   }
 
+  // The round in progress (the server words it, with the console's ETA rule); hidden once
+  // that round's record is in.
+  function drawProgress() {
+    const lines = [];
+    state.runs.forEach((r) => {
+      if (!r || !r.progress) return;
+      const done = rounds(r).map((x) => x.round);
+      if (done.length && Math.max(...done) >= r.progress.round) return;
+      lines.push('<div class="progress-line">' + (state.runs.length > 1 ? esc(r.name) + ": " : "") +
+        esc(r.progress.text) + "</div>");
+    });
+    document.getElementById("progress").innerHTML = lines.join("");
+    window.tinyfedProgress = lines.length ? document.getElementById("progress").textContent : "";
+  }
+
   function drawNotices() {
     const parts = [];
     state.runs.forEach((r) => {
@@ -334,7 +353,7 @@
     const runs = state.runs.filter(Boolean).map((r) => ({
       name: r.name, path: r.meta.path, config: r.meta.config, partition: r.meta.partition,
       payload_bytes: r.meta.payload_bytes, clients_per_round: r.meta.clients_per_round,
-      notice: r.meta.notice, problems: r.problems.slice(),
+      notice: r.meta.notice, problems: r.problems.slice(), progress: r.progress || null,
       records: [...r.records.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]),
     }));
     window.tinyfedData = { boot: state.boot, runs };
@@ -343,6 +362,7 @@
 
   function render() {
     publish();
+    drawProgress();
     drawNotices();
     drawCharts();
     drawConfigs();
