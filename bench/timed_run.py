@@ -35,7 +35,7 @@ def timed_run(cfg: Config, threads: int, on_start: Callable[[], None] | None = N
     exp = cached_experiment(cfg)
     torch.set_num_threads(threads)
     runtime = make_runtime(cfg.runtime, cfg)
-    server = Server(exp, runtime, make_strategy(cfg), EventBus(), None)
+    server = Server(exp, runtime, make_strategy(cfg, exp.initial), EventBus(), None)
     t0 = time.perf_counter()
     try:
         runtime.start(exp)

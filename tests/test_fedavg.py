@@ -12,8 +12,8 @@ from tinyfed.strategies import FedAvg, select_clients
 def test_weighted_mean_by_hand():
     ref = {"w": torch.zeros(2), "b": torch.zeros(1)}
     agg = FedAvg().begin_round(ref, 1)
-    agg.add({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}, 100)
-    agg.add({"w": torch.tensor([4.0, 8.0]), "b": torch.tensor([0.0])}, 300)
+    agg.add_weights({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}, 100)
+    agg.add_weights({"w": torch.tensor([4.0, 8.0]), "b": torch.tensor([0.0])}, 300)
     out = agg.result()
     # (100·1 + 300·4)/400 = 3.25 ; (100·2 + 300·8)/400 = 6.5 ; (100·3)/400 = 0.75
     assert torch.equal(out["w"], torch.tensor([3.25, 6.5]))
@@ -28,7 +28,7 @@ def test_empty_round_has_no_result():
 def test_single_client_mean_is_its_weights():
     w = {"w": torch.randn(5)}
     agg = FedAvg().begin_round(w, 1)
-    agg.add(w, 7)
+    agg.add_weights(w, 7)
     assert torch.equal(agg.result()["w"], w["w"])
 
 

@@ -34,9 +34,10 @@ def test_every_registry_drives_the_config_and_the_flag_help(field, monkeypatch):
 
 @pytest.mark.parametrize("field", sorted(IMPORTABLE))
 def test_importable_fields_take_a_module_path_and_say_so(field):
-    assert "package.module:factory" in flag_help(field)
+    form = f"package.module:{IMPORTABLE[field]}"
+    assert form in flag_help(field)
     assert build_config({field: "mypkg.mod:make"}).model_dump()[field] == "mypkg.mod:make"
-    with pytest.raises(ConfigError, match="package.module:factory"):
+    with pytest.raises(ConfigError, match=form):
         build_config({field: "mypkg.mod:"})
 
 

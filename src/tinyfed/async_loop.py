@@ -137,9 +137,11 @@ class AsyncServer:
     def dispatch(self, client_id: int) -> None:
         self.dispatched += 1
         n = self.dispatched
+        attack, params = self.core.hostile(client_id)
         task = ClientTask(client_id, n, task_seed(self.cfg.seed, n, client_id),
                           self.core.settings(self.state.round + 1), self.cfg.codec,
-                          version=self.version, down_codec=self.cfg.down_codec)
+                          version=self.version, down_codec=self.cfg.down_codec,
+                          params=params, attack=attack)
         self.submit(task)
 
     def submit(self, task: ClientTask) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,8 +67,11 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     return make(params, settings)
 
 
-def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int) -> dict[str, float]:
-    """Run E epochs of minibatch training in place; return local metrics of the last epoch."""
+def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
+          correct: Callable[[], None] | None = None) -> dict[str, float]:
+    """Run E epochs of minibatch training in place; return local metrics of the last epoch.
+    `correct` (a client algorithm's, e.g. FedProx's proximal term) adjusts the gradients
+    before each optimizer step."""
     start = time.perf_counter()
     n = len(shard)
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
@@ -87,6 +91,8 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int) ->
             out = model(xb)
             loss = loss_fn(out, yb)
             loss.backward()
+            if correct is not None:
+                correct()
             opt.step()
             loss_sum.add_(loss.detach(), alpha=len(idx))  # one op, no Python float per step
             steps += 1

@@ -31,10 +31,11 @@ REGISTRIES = {
     "mode": "tinyfed.policies:MODES",
     "strategy": "tinyfed.strategies:STRATEGIES",
     "async_rule": "tinyfed.strategies:ASYNC_RULES",
+    "attack": "tinyfed.attacks:ATTACKS",
     "runtime": "tinyfed.runtimes:RUNTIMES",
 }
 # ... of which these also take a user's own as 'package.module:attr'.
-IMPORTABLE = {"dataset": "factory", "model": "factory"}
+IMPORTABLE = {"dataset": "factory", "model": "factory", "strategy": "Class"}
 
 
 def registry_names(field: str) -> tuple[str, ...]:
@@ -77,7 +78,32 @@ class Config(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="client weight decay")
     lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier per round")
     # server
-    strategy: str = Field("fedavg", description="aggregation rule")
+    strategy: str = Field("fedavg", description="aggregation rule (sync mode)")
+    mu: float = Field(0.01, ge=0, description="fedprox: proximal term μ")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum β")
+    beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi/fedadagrad: β₁")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: β₂")
+    tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed-mean: fraction β cut "
+                                 "from each end, in [0, 0.5)")
+    krum_f: int = Field(1, ge=0, description="krum/multi-krum: Byzantine clients tolerated f "
+                        "(needs C·K ≥ 2f+3)")
+    krum_m: int | None = Field(None, ge=1, description="multi-krum: updates averaged (default "
+                               "C·K − f)")
+    dp_clip: float = Field(1.0, gt=0, description="dp-fedavg: L2 clipping bound S of an update "
+                           "(the initial one with dp_adaptive)")
+    dp_noise: float = Field(1.0, ge=0, description="dp-fedavg: noise multiplier z")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="dp-fedavg: δ of the (ε, δ) reported")
+    dp_adaptive: bool = Field(False, description="dp-fedavg: adaptive clipping (Andrew et al.)")
+    dp_quantile: float = Field(0.5, gt=0, lt=1, description="dp-fedavg adaptive: target "
+                               "quantile γ of update norms")
+    dp_clip_lr: float = Field(0.2, gt=0, description="dp-fedavg adaptive: clip learning rate")
+    target_epsilon: float | None = Field(None, gt=0, description="dp-fedavg: stop before ε "
+                                         "would exceed this")
+    byzantine: int = Field(0, ge=0, description="simulated malicious clients (seeded)")
+    attack: str = Field("sign-flip", description="what the byzantine clients do")
+    attack_scale: float = Field(10.0, gt=0, description="malicious update's size relative to "
+                                "the attacker's honest one")
     rounds: int = Field(5, ge=1, description="number of rounds R")
     target_accuracy: float | None = Field(None, gt=0, le=1,
                                           description="stop when test accuracy reaches this")
@@ -110,7 +136,9 @@ class Config(BaseModel):
                            "hinge:A,B")
     buffer_size: int | None = Field(None, ge=1, description="FedBuff: updates per server step "
                                     "(default C·K)")
-    server_lr: float = Field(1.0, gt=0, description="FedBuff: server learning rate η")
+    server_lr: float | None = Field(None, gt=0, description="server learning rate η (default "
+                                    "the rule's: 1 fedbuff/fedavgm/scaffold, 0.01 "
+                                    "fedadam/fedyogi, 0.03 fedadagrad)")
     # transport
     runtime: str = Field("inprocess", description="where clients run")
     workers: int | None = Field(None, ge=1, description="client processes / actors")
@@ -167,6 +195,20 @@ class Config(BaseModel):
         if self.concurrency is not None and self.concurrency > self.clients:
             raise ValueError(f"concurrency ({self.concurrency}) exceeds clients ({self.clients})")
         parse_staleness(self.staleness)  # raises ConfigError naming the allowed forms
+        if self.byzantine > self.clients:
+            raise ValueError(f"byzantine ({self.byzantine}) exceeds clients ({self.clients})")
+        if self.strategy in ("krum", "multi-krum") and \
+                self.clients_per_round < 2 * self.krum_f + 3:
+            raise ValueError(f"krum_f = {self.krum_f} is too large for {self.clients_per_round} "
+                             f"clients a round: Krum needs C·K ≥ 2f+3, so f ≤ "
+                             f"{max(0, (self.clients_per_round - 3) // 2)} here")
+        if self.strategy == "multi-krum" and self.krum_m is not None and \
+                self.krum_m > self.clients_per_round:
+            raise ValueError(f"krum_m = {self.krum_m} exceeds the {self.clients_per_round} "
+                             f"clients a round")
+        if self.mode != "sync" and self.strategy != "fedavg":
+            raise ValueError(f"strategy {self.strategy!r} is a synchronous rule; mode "
+                             f"{self.mode!r} merges by async_rule (leave strategy = fedavg)")
         if self.model == "cifar_cnn" and self.dataset not in ("cifar10",):
             raise ValueError("model cifar_cnn needs dataset cifar10 (3×32×32 images)")
         if self.dataset == "cifar10" and self.model in ("mlp", "mlp128", "cnn"):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinyfed.attacks import attackers
 from tinyfed.checkpoint import latest_checkpoint, save_checkpoint
 from tinyfed.client import TrainSettings, evaluate
 from tinyfed.compress import rebase
@@ -115,6 +116,7 @@ class RunCore:
         self.guard = NormGuard(self.cfg.norm_ratio)
         self.eval_model = experiment.new_model()
         self.stop_reason = ""
+        self.attackers = set(attackers(experiment.client_ids, self.cfg.byzantine, self.cfg.seed))
 
     # ---- tasks and results ---------------------------------------------------------------
     def settings(self, round_num: int) -> TrainSettings:
@@ -122,6 +124,18 @@ class RunCore:
         return TrainSettings(cfg.epochs, cfg.batch_size, cfg.optimizer,
                              cfg.lr * cfg.lr_decay ** (round_num - 1), cfg.momentum,
                              cfg.weight_decay)
+
+    def hostile(self, client_id: int) -> tuple[str, dict[str, float]]:
+        """The attack a simulated Byzantine client plays (and its strength), or ('', {})."""
+        if client_id in self.attackers:
+            return self.cfg.attack, {"attack_scale": self.cfg.attack_scale}
+        return "", {}
+
+    def note_attackers(self, record: Record, asked: list[int], tally: Tally) -> None:
+        """A round's record names the attackers it asked (when the run simulates any)."""
+        if self.attackers:
+            record["byzantine"] = [c for c in asked if c in self.attackers]
+            record["attack"] = self.cfg.attack
 
     def expectation(self, task: ClientTask, reference: Tensors) -> Expectation:
         """What the server accepts as the answer to `task` sent with `reference` weights."""

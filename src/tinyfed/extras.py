@@ -9,7 +9,7 @@ from types import ModuleType
 from tinyfed.errors import ConfigError
 
 EXTRAS = {"fastapi": "server", "uvicorn": "server", "starlette": "server",
-          "matplotlib": "plot", "ray": "ray"}
+          "matplotlib": "plot", "ray": "ray", "dp_accounting": "dp"}
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:

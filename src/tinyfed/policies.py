@@ -21,7 +21,8 @@ def synchronous(experiment: Experiment, runtime: Runtime, bus: EventBus,
     from tinyfed.server import Server
     from tinyfed.strategies import make_strategy
 
-    return Server(experiment, runtime, strategy or make_strategy(experiment.config), bus,
+    return Server(experiment, runtime,
+                  strategy or make_strategy(experiment.config, experiment.initial), bus,
                   checkpoint_dir)
 
 

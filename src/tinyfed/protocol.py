@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tinyfed import wire
+from tinyfed.algorithms import client_algorithm
+from tinyfed.attacks import attack_of
 from tinyfed.client import Shard, TrainSettings, train
 from tinyfed.compress import parse_pipeline
 from tinyfed.errors import WireError
@@ -24,9 +26,58 @@ from tinyfed.wire import Kind, Tensors, TensorSpec
 MAX_ID = 2**31 - 1
 
 
+EXTRA = "extra/"  # name prefix of a frame's tensors that are not the model (SCAFFOLD's c, c_i)
+MAX_PARAMS = 16  # numbers a task may carry for its client algorithm
+
+
+def with_extras(tensors: Tensors, extras: Tensors) -> Tensors:
+    """One tensor set for a frame: the (encoded) model, and the extras under their prefix. A
+    model's own tensor names never hold '/', so the two cannot collide."""
+    return {**tensors, **{EXTRA + k: v for k, v in extras.items()}}
+
+
+def split_extras(tensors: Tensors) -> tuple[Tensors, Tensors]:
+    """A frame's tensors as (model part, extras without their prefix)."""
+    model = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
+    extras = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    return model, extras
+
+
+class _PayloadMemo:
+    """The tensors of the last round payload given per-client extras (decoded once a round)."""
+
+    payload: bytes | None = None
+    tensors: Tensors = {}
+
+
+def with_tensors(payload: bytes, extras: Tensors) -> bytes:
+    """A task payload: the round's shared one as it is, or, for a client with tensors of its
+    own (SCAFFOLD's variates), the model and those together in one safetensors payload."""
+    if not extras:
+        return payload
+    if _PayloadMemo.payload is not payload:
+        _PayloadMemo.payload, _PayloadMemo.tensors = payload, wire.decode_tensors(payload)
+    return wire.encode_tensors(with_extras(_PayloadMemo.tensors, extras))
+
+
+def check_params(raw: Any) -> dict[str, float]:
+    """A task's algorithm parameters: at most MAX_PARAMS finite numbers by short names."""
+    if not isinstance(raw, dict) or len(raw) > MAX_PARAMS:
+        raise WireError(f"task field 'params' must be an object of at most {MAX_PARAMS} numbers")
+    out = {}
+    for key, value in raw.items():
+        if len(str(key)) > 40 or not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value):
+            raise WireError(f"task parameter {str(key)[:40]!r} must be a finite number")
+        out[str(key)] = float(value)
+    return out
+
+
 @dataclass(frozen=True)
 class ClientTask:
-    """One client, one job: which round, which seed, which settings, which codecs."""
+    """One client, one job: which round, which seed, which settings, which codecs, and which
+    client algorithm (FedProx's proximal term, SCAFFOLD's control variates, DP clipping) with
+    its parameters; in a simulated attack, which attack this client plays."""
 
     client_id: int
     round: int
@@ -35,9 +86,12 @@ class ClientTask:
     codec: str = ""
     version: int = 0  # version of the global weights the task carries (async staleness)
     down_codec: str = ""  # how the global weights in this task's frame are encoded
+    algorithm: str = ""  # client algorithm (tinyfed.algorithms.CLIENT_ALGORITHMS); '' = plain
+    params: dict[str, float] = field(default_factory=dict, hash=False)
+    attack: str = ""  # a simulated Byzantine client's attack (tinyfed.attacks.ATTACKS)
 
     def header(self) -> dict[str, Any]:
-        return {
+        h = {
             "client_id": self.client_id,
             "round": self.round,
             "seed": self.seed,
@@ -46,6 +100,11 @@ class ClientTask:
             "version": self.version,
             "down_codec": self.down_codec,
         }
+        # only when set, so a plain FedAvg task's frame (and its byte count) is what it was
+        for key in ("algorithm", "params", "attack"):
+            if getattr(self, key):
+                h[key] = getattr(self, key)
+        return h
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> ClientTask:
@@ -58,6 +117,9 @@ class ClientTask:
                 codec=str(h.get("codec", "")),
                 version=wire.header_int(h, "version", 0, 2**62),
                 down_codec=str(h.get("down_codec", "")),
+                algorithm=str(h.get("algorithm", ""))[:40],
+                params=check_params(h.get("params", {})),
+                attack=str(h.get("attack", ""))[:40],
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"task header is malformed: {exc}") from None
@@ -77,6 +139,7 @@ class ClientResult:
     bytes_down: int = 0
     bytes_up: int = 0
     version: int = 0
+    extras: Tensors = field(default_factory=dict)  # what the client algorithm sent back
 
     @classmethod
     def failure(cls, task: ClientTask, reason: str, bytes_down: int = 0, bytes_up: int = 0):
@@ -115,6 +178,7 @@ class ClientWorker:
         max_frame: int = wire.DEFAULT_MAX_FRAME,
     ):
         self.model = build_model(model_name, tuple(input_shape), num_classes, seed=0)
+        self.num_classes = num_classes
         self.spec = wire.spec_of(state_of(self.model))
         self.shards = shards
         self.max_frame = max_frame
@@ -152,24 +216,36 @@ class ClientWorker:
             )
 
     def run(self, task: ClientTask, payload: Tensors) -> bytes:
+        algorithm = client_algorithm(task.algorithm)
+        attack = attack_of(task.attack)
+        payload, extras = split_extras(payload)
         down = parse_pipeline(task.down_codec, WireError, downlink=True)
         global_weights = down.decode(payload, self.model.state_dict())
         wire.validate_tensors(global_weights, self.spec, "global model")
         self.model.load_state_dict(global_weights)
-        metrics = train(self.model, self.shard(task.client_id), task.settings, task.seed)
+        shard = self.shard(task.client_id)
+        if attack is not None:
+            shard = attack.poison(shard, self.num_classes)
+        correct = algorithm.prepare(self.model, global_weights, extras, task)
+        metrics = train(self.model, shard, task.settings, task.seed, correct)
         local = state_of(self.model)
+        local, extras_out = algorithm.finish(local, global_weights, extras, task, metrics)
+        if attack is not None:
+            local = attack.forge(local, global_weights, task.seed,
+                                 task.params.get("attack_scale", 1.0))
         state = self.codec_state.setdefault(task.client_id, {})
         encoded = parse_pipeline(task.codec, WireError).encode(local, global_weights, state)
         header = {
             "client_id": task.client_id,
             "round": task.round,
             "version": task.version,
-            "num_examples": len(self.shard(task.client_id)),
+            "num_examples": len(shard),
             "codec": task.codec,
             # wall-clock time stays local: it would make frame sizes differ run to run
             "metrics": {k: v for k, v in metrics.items() if k != "train_seconds"},
         }
-        return wire.encode_frame(Kind.UPDATE, header, wire.encode_tensors(encoded))
+        return wire.encode_frame(Kind.UPDATE, header,
+                                 wire.encode_tensors(with_extras(encoded, extras_out)))
 
 
 @dataclass
@@ -182,12 +258,14 @@ class Expectation:
     max_examples: int
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_abs: float = wire.DEFAULT_MAX_ABS  # largest |value| a decoded float tensor may hold
+    extras: dict[str, TensorSpec] = field(default_factory=dict)  # what the algorithm returns
 
 
 # Metrics a client reports, with the range each must fall in; any other name is refused.
 METRICS: dict[str, tuple[float, float]] = {
     "train_loss": (0.0, 1e9),
     "steps": (0.0, 1e12),
+    "within_clip": (0.0, 1.0),  # DP clients: was the update within the clipping bound
 }
 
 
@@ -251,10 +329,15 @@ def _check_update(frame: bytes, exp: Expectation) -> ClientResult:
         raise WireError(f"update is for model version {str(version)[:20]}; the task sent "
                         f"version {exp.task.version}")
     metrics = check_metrics(h.get("metrics", {}))
-    decoded = parse_pipeline(codec, WireError).decode(msg.tensors, exp.reference)
+    tensors, extras = split_extras(msg.tensors)
+    # e.g. a SCAFFOLD result without its variate: refused, never merged
+    wire.validate_tensors(extras, exp.extras, f"{exp.task.algorithm or 'update'} extras",
+                          max_abs=exp.max_abs)
+    decoded = parse_pipeline(codec, WireError).decode(tensors, exp.reference)
     wire.validate_tensors(decoded, exp.spec, max_abs=exp.max_abs)
     return ClientResult(
-        cid, rnd, True, decoded, n, metrics, bytes_up=len(frame), version=exp.task.version
+        cid, rnd, True, decoded, n, metrics, bytes_up=len(frame), version=exp.task.version,
+        extras=extras,
     )
 
 

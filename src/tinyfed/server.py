@@ -16,7 +16,7 @@ from tinyfed.compress import downlink
 from tinyfed.core import RoundFailed, RunCore, RunState, Tally
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, Record
-from tinyfed.protocol import ClientResult, ClientTask
+from tinyfed.protocol import ClientResult, ClientTask, with_tensors
 from tinyfed.runtimes.base import Runtime
 from tinyfed.strategies import Strategy, select_clients
 
@@ -39,13 +39,13 @@ class OrderedFeed:
     def put(self, client_id: int, result: ClientResult | None) -> None:
         if not self.ordered:
             if result is not None:
-                self.add(result.weights, result.num_examples)
+                self.add(result)
             return
         self.held[client_id] = result
         while self.pos < len(self.order) and self.order[self.pos] in self.held:
             res = self.held.pop(self.order[self.pos])
             if res is not None:
-                self.add(res.weights, res.num_examples)
+                self.add(res)
             self.pos += 1
 
 
@@ -68,11 +68,16 @@ class Server:
         return self.core.stop_reason
 
     def run(self) -> RunState:
-        """Rounds from the state's next round to the configured last, or to the target."""
+        """Rounds from the state's next round to the configured last, or to the target (of
+        accuracy, or a strategy's budget such as ε)."""
         core = self.core
         while core.state.round < self.cfg.rounds:
             if core.target_reached():
                 core.stop_reason = "target accuracy reached"
+                break
+            budget = self.strategy.stop_before(core.state.round + 1)
+            if budget:
+                core.stop_reason = budget
                 break
             self.run_round(core.state.round + 1)
         else:
@@ -85,16 +90,21 @@ class Server:
         selected = select_clients(self.exp.client_ids, cfg.clients_per_round, cfg.seed,
                                   round_num)
         payload, seen = downlink(weights, cfg.down_codec)  # `seen`: what clients decode
+        told = {cid: self.strategy.configure(round_num, cid, weights) for cid in selected}
         agg = self.strategy.begin_round(weights, round_num)
         feed = OrderedFeed(selected, agg.add, cfg.deterministic)
         tally, todo, attempt = Tally(), selected, 0
         while True:
             attempt += 1
             for cid in todo:
+                attack, attack_params = core.hostile(cid)
                 task = ClientTask(cid, round_num, task_seed(cfg.seed, round_num, cid),
                                   core.settings(round_num), cfg.codec, version=round_num - 1,
-                                  down_codec=cfg.down_codec)
-                self.runtime.submit(task, payload, core.expectation(task, seen))
+                                  down_codec=cfg.down_codec, algorithm=told[cid].algorithm,
+                                  params={**told[cid].params, **attack_params}, attack=attack)
+                expect = core.expectation(task, seen)
+                expect.extras = told[cid].returns
+                self.runtime.submit(task, with_tensors(payload, told[cid].tensors), expect)
             failed = []
             core.progress(round_num, tally, len(selected))
             for result in self.runtime.results(cfg.round_timeout):
@@ -119,16 +129,19 @@ class Server:
             feed.put(cid, None)
         core.state.weights = agg.result()
         record = core.round_record(round_num, tally, len(selected))
-        core.finish_round(round_num, record, self.policy_state())
+        record.update(self.strategy.report())
+        core.note_attackers(record, selected, tally)
+        core.finish_round(round_num, record, self.policy_state(), self.strategy.tensor_state())
         return record
 
     def policy_state(self) -> dict[str, Any]:
         return {"strategy": self.strategy.state_dict()}
 
     def checkpoint(self) -> None:
-        self.core.checkpoint(self.policy_state())
+        self.core.checkpoint(self.policy_state(), self.strategy.tensor_state())
 
     def resume(self, weights, data: dict[str, Any], records: list[Record]) -> None:
-        state, _ = self.core.resume(weights, data, records)
+        state, tensors = self.core.resume(weights, data, records)
+        self.strategy.load_tensor_state(tensors)
         self.strategy.load_state_dict(state.strategy_state)
 

@@ -265,6 +265,11 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     return Message(Kind(kind), header, tensors, total)
 
 
+def decode_tensors(payload: bytes) -> Tensors:
+    """A safetensors payload's tensors (one this process encoded: no checks beyond the format)."""
+    return st_load(payload) if payload else {}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]

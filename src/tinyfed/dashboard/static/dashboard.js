@@ -10,7 +10,7 @@
   const DASHES = [[], [6, 4], [2, 3], [10, 3, 2, 3]];
   const TABLE_KEYS = ["round", "test_accuracy", "test_loss", "train_loss", "clients_selected",
     "clients_succeeded", "clients_failed", "bytes_down", "bytes_up", "cum_bytes_down",
-    "cum_bytes_up", "wall_seconds"];
+    "cum_bytes_up", "wall_seconds", "epsilon"];
 
   const state = { boot: null, runs: [] };
   window.tinyfedData = { boot: null, runs: [] };
@@ -116,6 +116,8 @@
         ["failed", (r, x) => x.clients_failed, exact, 2]] },
     seconds: { y: "seconds per round (s)", axis: (v, d) => +v.toPrecision(d || 3) + " s",
       lines: [["wall time", (r, x) => x.wall_seconds, secs, 0]] },
+    privacy: { y: "privacy spent ε (at the run's δ)", axis: (v, d) => +v.toPrecision(d || 3),
+      lines: [["ε", (r, x) => x.epsilon, exact, 0]] },
   };
 
   function roundChartData(id) {
@@ -230,6 +232,9 @@
 
   function drawCharts() {
     for (const id of Object.keys(SPECS)) draw(id, roundChartData(id));
+    // the privacy card only for runs that spend a privacy budget (dp-fedavg)
+    document.getElementById("card-privacy").hidden =
+      !state.runs.some((r) => r && rounds(r).some((x) => x.epsilon != null));
     const anyAsync = state.runs.some((r) => r && updates(r).length > 0);
     for (const id of ["rate", "staleness"]) {
       document.getElementById("card-" + id).hidden = !anyAsync;
