@@ -174,8 +174,9 @@ def summary(result: RunResult) -> str:
         lines.append(f"rounds to {100 * cfg.target_accuracy:.1f}%   {reached}")
     spent = [r for r in records if r.get("epsilon") is not None]
     if spent:
-        lines.append(f"privacy spent    ε = {spent[-1]['epsilon']:.3f} at δ = {spent[-1]['delta']:g} "
-                     f"(noise multiplier {spent[-1]['noise_multiplier']:g}, RDP accountant)")
+        last_dp = spent[-1]
+        lines.append(f"privacy spent    ε = {last_dp['epsilon']:.3f} at δ = {last_dp['delta']:g} "
+                     f"(noise multiplier {last_dp['noise_multiplier']:g}, RDP accountant)")
     failed = sum(r["clients_failed"] for r in records)
     tasks = max(1, sum(r.get("clients_selected", 0) for r in records))
     lines += [
