@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tinyfed.algorithms import CLIENT_ALGORITHMS, clip_update
+from tinyfed.algorithms import CLIENT_ALGORITHMS
 from tinyfed.client import TrainSettings
 from tinyfed.protocol import ClientResult, ClientTask
 from tinyfed.strategies import (
@@ -22,6 +22,7 @@ from tinyfed.strategies import (
     Scaffold,
     TrimmedMean,
 )
+from tinyfed.strategies.clipping import clip_update
 
 X = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
 

@@ -120,11 +120,34 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(tmp_path):
     eps = [r["epsilon"] for r in res.state.records]
     assert eps == sorted(eps) and eps[-1] <= 8.0 and len(eps) < 50
     assert "privacy budget" in res.stop_reason
+    from tinyfed.runner import summary
+
+    assert f"ε = {eps[-1]:.3f} at δ = 1e-05" in summary(res)
 
 
 def test_a_user_strategy_by_module_path(tmp_path):
     res = run(tmp_path, "user", strategy="tests.user_strategy:Halfway", rounds=2)
     assert [r["halfway_rounds"] for r in res.state.records] == [1, 2]
+
+
+def test_a_user_client_algorithm_by_module_path_runs_in_child_processes(tmp_path):
+    over = dict(rounds=1, clients=2, fraction=1.0, deterministic=True)
+    plain = run(tmp_path, "plain", **over)
+    inproc = run(tmp_path, "in", strategy="tests.user_strategy:WithSignSGD", **over)
+    procs = run(tmp_path, "procs", strategy="tests.user_strategy:WithSignSGD",
+                runtime="processes", workers=2, **over)
+    assert same(inproc.state.weights, procs.state.weights)
+    assert not same(inproc.state.weights, plain.state.weights)  # the algorithm really ran
+
+
+def test_a_task_cannot_make_a_client_call_an_arbitrary_callable():
+    from tinyfed.algorithms import client_algorithm
+    from tinyfed.errors import WireError
+
+    with pytest.raises(WireError, match="not a subclass of tinyfed.algorithms.Plain"):
+        client_algorithm("os:getcwd")
+    with pytest.raises(WireError, match="unknown client algorithm 'nope'"):
+        client_algorithm("nope")
 
 
 @pytest.mark.parametrize("args, words", [

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tinyfed.strategies import Defaults, RunningMean
+from tinyfed.algorithms import Plain
+from tinyfed.strategies import Defaults, FedAvg, Instructions, RunningMean
 
 
 class Halfway(Defaults):
@@ -26,3 +27,26 @@ class Halfway(Defaults):
 
     def report(self):
         return {"halfway_rounds": self.rounds}
+
+
+class SignSGD(Plain):
+    """A user's client algorithm by module path: every gradient replaced by its sign."""
+
+    def prepare(self, model, global_weights, extras, task):
+        def correct():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.sign_()
+
+        return correct
+
+
+class WithSignSGD(FedAvg):
+    """FedAvg whose clients run SignSGD (named by module path, imported by each client)."""
+
+    def __init__(self, config, initial):
+        super().__init__()
+        self.told = Instructions("tests.user_strategy:SignSGD")
+
+    def configure(self, round_num, client_id, global_weights):
+        return self.told

@@ -7,7 +7,6 @@ in the bytes like the weights.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from tinyfed.errors import WireError
+from tinyfed.strategies.clipping import clip_update
 
 if TYPE_CHECKING:
     from tinyfed.protocol import ClientTask
@@ -106,19 +106,6 @@ class Scaffold:
         return local, out
 
 
-def clip_update(local: Tensors, global_weights: Tensors, bound: float) -> tuple[Tensors, float]:
-    """local moved back toward the global model so that ‖local − global‖₂ ≤ bound; also the
-    norm before clipping."""
-    deltas = {k: v - global_weights[k] for k, v in local.items() if v.is_floating_point()}
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(d.double())) ** 2
-                         for d in deltas.values()))
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    if scale == 1.0:
-        return local, norm
-    return {k: global_weights[k] + deltas[k] * scale if k in deltas else v
-            for k, v in local.items()}, norm
-
-
 class Clipped(Plain):
     """DP-FedAvg's client half (McMahan et al. 2018, "Learning Differentially Private Recurrent
     Language Models"): the update w − w_global is clipped to L2 norm `clip` before it leaves.
@@ -143,9 +130,27 @@ CLIENT_ALGORITHMS: dict[str, ClientAlgorithm] = {
 }
 
 
+def register_client_algorithm(name: str, algorithm: ClientAlgorithm) -> None:
+    """Add a client algorithm from Python (in-process runs; other processes learn it by the
+    `package.module:Class` form, which they import)."""
+    CLIENT_ALGORITHMS[name] = algorithm
+
+
 def client_algorithm(name: str) -> ClientAlgorithm:
+    """A registered algorithm, or `package.module:Class` naming a subclass of `Plain` (the
+    class is checked before it is called, so a task cannot make a client call any other
+    callable; importing the module is trusting the server, as a user model's name already is)."""
     found = CLIENT_ALGORITHMS.get(name)
-    if found is None:
-        raise WireError(f"unknown client algorithm {name[:40]!r}; this client knows "
-                        f"{', '.join(repr(k) for k in CLIENT_ALGORITHMS)}")
-    return found
+    if found is not None:
+        return found
+    if ":" in name:
+        from tinyfed.importpath import load_callable
+
+        cls = load_callable(name, "client algorithm", WireError)
+        if not (isinstance(cls, type) and issubclass(cls, Plain)):
+            raise WireError(f"client algorithm {name[:80]!r} is not a subclass of "
+                            f"tinyfed.algorithms.Plain")
+        CLIENT_ALGORITHMS[name] = found = cls()
+        return found
+    raise WireError(f"unknown client algorithm {name[:40]!r}; this client knows "
+                    f"{', '.join(repr(k) for k in CLIENT_ALGORITHMS)} or package.module:Class")

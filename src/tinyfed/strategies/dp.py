@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from tinyfed.algorithms import clip_update
 from tinyfed.errors import ConfigError
 from tinyfed.privacy import epsilon
 from tinyfed.strategies.base import Defaults, Instructions, Tensors, cast_like
+from tinyfed.strategies.clipping import clip_update
 
 
 class _Round:
