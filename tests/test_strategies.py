@@ -254,3 +254,22 @@ def test_target_epsilon_stops_before_the_budget_and_a_spent_budget_is_refused():
     tighter = dp(noise=1.0, planned=10, num_clients=100, target_epsilon=3.0)
     with pytest.raises(ConfigError, match="target_epsilon = 3: the .* rounds already run"):
         tighter.load_state_dict(s.state_dict())
+
+
+def test_attacks_forge_what_they_say():
+    from tinyfed.attacks import ATTACKS, attackers
+    from tinyfed.client import Shard
+
+    g = {"w": torch.tensor([1.0, 1.0])}
+    honest = {"w": torch.tensor([2.0, 0.0])}  # Δ = [1, −1]
+    assert close(ATTACKS["sign-flip"].forge(honest, g, 0, 3.0)["w"], [-2.0, 4.0])
+    assert close(ATTACKS["scale"].forge(honest, g, 0, 3.0)["w"], [4.0, -2.0])
+    big = {"w": torch.zeros(100_000)}
+    noisy = ATTACKS["gaussian"].forge({"w": torch.ones(100_000)}, big, 5, 2.0)["w"]
+    assert abs(float(noisy.std()) / 2.0 - 1) < 0.02  # scale × RMS(Δ) = 2 × 1
+    assert torch.equal(noisy, ATTACKS["gaussian"].forge({"w": torch.ones(100_000)}, big, 5,
+                                                        2.0)["w"])  # seeded by the task
+    shard = Shard(torch.zeros(3, 1, 1, 1), torch.tensor([0, 3, 9]))
+    assert ATTACKS["label-flip"].poison(shard, 10).y.tolist() == [9, 6, 0]
+    assert attackers(list(range(10)), 2, 7) == attackers(list(range(10)), 2, 7)
+    assert len(set(attackers(list(range(10)), 3, 7))) == 3

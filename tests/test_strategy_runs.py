@@ -98,20 +98,22 @@ def test_a_scaffold_result_without_its_variate_is_refused_not_merged():
     assert not result.ok and "missing tensors" in result.reason and "dc/" in result.reason
 
 
-def test_robust_rules_hold_under_sign_flip_where_fedavg_falls(tmp_path):
-    attack = dict(clients=10, fraction=1.0, rounds=5, synthetic_size=2000, byzantine=2,
-                  attack="sign-flip", krum_f=2, trim_fraction=0.2, seed=4)
+@pytest.mark.parametrize("attack", ["sign-flip", "scale"])
+def test_robust_rules_hold_under_attack_where_fedavg_falls(tmp_path, attack):
+    """2 of 10 clients attack with attack_scale 10. (At that strength gaussian noise and label
+    flipping do not break FedAvg on this data: docs/benchmarks.md.)"""
+    over = dict(clients=10, fraction=1.0, rounds=5, synthetic_size=2000, byzantine=2,
+                attack=attack, krum_f=2, trim_fraction=0.2, seed=4)
     acc = {}
     for strategy in ("fedavg", "median", "trimmed-mean", "krum"):
-        res = run(tmp_path, strategy, strategy=strategy, **attack)
+        res = run(tmp_path, strategy, strategy=strategy, **over)
         acc[strategy] = res.state.records[-1]["test_accuracy"]
-        assert res.state.records[-1]["byzantine"] == sorted(res.state.records[0]["byzantine"])
-        assert len(res.state.records[0]["byzantine"]) == 2
-    clean = run(tmp_path, "clean", **{**attack, "byzantine": 0})
-    print(acc, clean.state.records[-1]["test_accuracy"])
-    assert acc["fedavg"] < 0.5 * clean.state.records[-1]["test_accuracy"]
+        chosen = res.state.records[0]["byzantine"]
+        assert len(chosen) == 2 and all(r["byzantine"] == chosen for r in res.state.records)
+    clean = run(tmp_path, "clean", **{**over, "byzantine": 0}).state.records[-1]["test_accuracy"]
+    assert acc["fedavg"] < 0.6 * clean, (acc, clean)
     for strategy in ("median", "trimmed-mean", "krum"):
-        assert acc[strategy] > 0.8 * clean.state.records[-1]["test_accuracy"], (strategy, acc)
+        assert acc[strategy] > 0.9 * clean, (strategy, acc, clean)
 
 
 def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(tmp_path):
