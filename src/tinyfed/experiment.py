@@ -6,7 +6,7 @@ rebuilds the same shards from the same config, so data never travels over a tran
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ class Experiment:
     initial: Tensors
     spec: dict[str, TensorSpec]
     num_parameters: int
+    _layout: tuple[torch.Tensor, torch.Tensor, list[int]] | None = field(default=None,
+                                                                         repr=False)
 
     @classmethod
     def build(cls, config: Config) -> Experiment:
@@ -65,7 +67,17 @@ class Experiment:
         return list(range(self.config.clients))
 
     def shard(self, client_id: int) -> Shard:
-        return shard_of(self.dataset, self.parts, client_id)
+        """A view into one contiguous copy of every client's examples, made on first use: no
+        copy per client in a round (the same rows, in the same order, as indexing gives)."""
+        if self._layout is None:
+            order = torch.as_tensor(np.concatenate(self.parts) if self.parts else
+                                    np.zeros(0, dtype=np.int64), dtype=torch.int64)
+            starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])
+            self._layout = (self.dataset.train_x[order], self.dataset.train_y[order],
+                            starts.tolist())
+        xs, ys, starts = self._layout
+        lo, hi = starts[client_id], starts[client_id + 1]
+        return Shard(xs[lo:hi], ys[lo:hi])
 
     def shard_size(self, client_id: int) -> int:
         return int(len(self.parts[client_id]))

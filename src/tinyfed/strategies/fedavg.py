@@ -38,7 +38,7 @@ class RunningMean:
         if self.sums is None:
             self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in weights.items()}
         for k, v in weights.items():
-            self.sums[k].add_(v.to(torch.float64), alpha=a)
+            self.sums[k].add_(v, alpha=a)  # widened inside the add: no float64 copy of v
         self.total += a
         self.count += 1
 
