@@ -207,6 +207,8 @@ class TopK:
         return min(numel, max(1, math.ceil(self.fraction * numel)))
 
     def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        """Sets the residual to what top-k left out; `Pipeline.encode` then corrects it to
+        what the whole pipeline failed to send (the later stages' rounding included)."""
         residual: Tensors = ctx.state.setdefault(self.STATE, {})
         out = {}
         for name, v in tensors.items():
@@ -226,6 +228,19 @@ class TopK:
             out[f"{name}{SEP}idx"] = idx.to(itype)
             out[f"{name}{SEP}val"] = val
         return out
+
+    def feed_back_rounding(self, sent: Tensors, decoded: Tensors, state: dict) -> None:
+        """Exact error feedback (Stich et al. 2018, Alg. 1; Karimireddy et al. 2019): the
+        residual becomes everything the pipeline failed to deliver, acc − decode(encode(acc)),
+        so the later stages' rounding of the sent values is fed back too. `sent` holds the
+        values top-k kept, `decoded` what the receiver will decode for them."""
+        residual: Tensors = state.get(self.STATE, {})
+        for name, rest in residual.items():
+            val, got = sent.get(f"{name}{SEP}val"), decoded.get(f"{name}{SEP}val")
+            idx = sent.get(f"{name}{SEP}idx")
+            if val is None or got is None or idx is None:
+                continue
+            rest[idx.to(torch.int64)] = val - got.to(torch.float32)
 
     def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
         groups, plain = _parts(tensors, "topk", self.PARTS)
@@ -304,8 +319,22 @@ class Pipeline:
 
     def encode(self, tensors: Tensors, reference: Tensors, state: dict | None = None) -> Tensors:
         ctx = CodecContext(reference, state if state is not None else {})
-        for codec in self.codecs:
+        for i, codec in enumerate(self.codecs):
             tensors = codec.encode(tensors, ctx)
+            if isinstance(codec, TopK) and i + 1 < len(self.codecs):
+                kept = tensors
+                later = Pipeline(self.codecs[i + 1:])
+                tensors = later.encode(kept, reference)
+                codec.feed_back_rounding(kept, later.decode_parts(tensors, reference), ctx.state)
+                return tensors
+        return tensors
+
+    def decode_parts(self, tensors: Tensors, reference: Tensors) -> Tensors:
+        """Decode without the final cast to the reference's dtypes (parts such as top-k's
+        values have no reference tensor of their own)."""
+        ctx = CodecContext(reference)
+        for codec in reversed(self.codecs):
+            tensors = codec.decode(tensors, ctx)
         return tensors
 
     def decode(self, tensors: Tensors, reference: Tensors) -> Tensors:

@@ -18,11 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from tinyfed.staleness import Staleness, parse_staleness
-from tinyfed.strategies.base import Tensors
-
-
-def _cast(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value.to(like.dtype) if like.is_floating_point() else value.round().to(like.dtype)
+from tinyfed.strategies.base import Tensors, cast_like
 
 
 def mix(weights: Tensors, other: Tensors, t: float) -> Tensors:
@@ -33,7 +29,7 @@ def mix(weights: Tensors, other: Tensors, t: float) -> Tensors:
     for k, w in weights.items():
         acc = w.to(torch.float64, copy=True)
         acc.mul_(1.0 - t).add_(other[k], alpha=t)
-        out[k] = _cast(acc, w)
+        out[k] = cast_like(acc, w)
     return out
 
 
@@ -79,8 +75,8 @@ class SeedMerge(_NoTensors):
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         a, b = self.a, float(num_examples)
-        out = {k: _cast((a * w.to(torch.float64) + b * update[k].to(torch.float64)) / (a + b), w)
-               for k, w in weights.items()}
+        out = {k: cast_like((a * w.to(torch.float64) + b * update[k].to(torch.float64))
+                            / (a + b), w) for k, w in weights.items()}
         self.a = a + b
         return out
 
@@ -130,7 +126,8 @@ class FedBuff:
         if self.count < self.size:
             return None
         step = self.lr / self.count
-        out = {k: _cast(w.to(torch.float64) + step * self.sums[k], w) for k, w in weights.items()}
+        out = {k: cast_like(w.to(torch.float64) + step * self.sums[k], w)
+               for k, w in weights.items()}
         self.sums, self.count = {}, 0
         return out
 
