@@ -37,6 +37,16 @@ class Job:
     due: float  # monotonic time at which the job fails without a result
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """How a transport stopped a due job, for the failure the dispatcher words: e.g. "not
+    started", "child killed", "ray actor killed"; and the bytes already sent for it."""
+
+    how: str
+    bytes_down: int = 0
+    started: bool = True
+
+
 @dataclass
 class Delivery:
     """A job's result as a transport delivers it (an update, validated, or a failure)."""
@@ -59,9 +69,9 @@ class Transport(Protocol):
     def waiting(self) -> int:
         """Deliveries `receive` would return without waiting."""
 
-    def cancel(self, job: Job) -> ClientResult | None:
-        """The job is due: stop work on it (kill what runs it, where possible) and return its
-        failure; None when its result is already waiting to be received."""
+    def cancel(self, job: Job) -> Stopped | None:
+        """The job is due: stop work on it (kill what runs it, where possible) and say how;
+        None when its result is already waiting to be received."""
 
     def close(self) -> None:
         """Reap everything the transport started."""

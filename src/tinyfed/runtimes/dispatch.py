@@ -102,12 +102,15 @@ class Dispatcher:
                 due.append(job)
         failed = []
         for job in due:
-            result = self.transport.cancel(job)
-            if result is None:
+            stopped = self.transport.cancel(job)
+            if stopped is None:
                 self.answered.add(job.id)
                 continue
             del self.jobs[job.id]
-            failed.append(result)
+            what = "no result" if stopped.started else "not started"
+            failed.append(ClientResult.failure(
+                job.task, f"deadline: {what} within round_timeout={self.round_timeout:g} s "
+                f"({stopped.how})", bytes_down=stopped.bytes_down))
         return failed
 
     def close(self) -> None:

@@ -12,8 +12,8 @@ from collections import deque
 
 from tinyfed import protocol, wire
 from tinyfed.experiment import Experiment
-from tinyfed.protocol import ClientResult, ClientWorker
-from tinyfed.runtimes.base import Delivery, Job
+from tinyfed.protocol import ClientWorker
+from tinyfed.runtimes.base import Delivery, Job, Stopped
 
 
 class InProcessRuntime:
@@ -46,12 +46,11 @@ class InProcessRuntime:
         result.bytes_down = len(frame)
         return Delivery(job, result)
 
-    def cancel(self, job: Job) -> ClientResult:
+    def cancel(self, job: Job) -> Stopped:
         """A due job is still queued (a running one cannot be stopped here): it never starts."""
         if job in self.queue:
             self.queue.remove(job)
-        limit = f" within round_timeout={self.config.round_timeout:g} s" if self.config else ""
-        return ClientResult.failure(job.task, f"deadline: not started{limit}")
+        return Stopped("queued behind other clients in this process", started=False)
 
     def close(self) -> None:
         self.queue.clear()

@@ -30,7 +30,7 @@ from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped
 
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
 
@@ -199,7 +199,7 @@ class ProcessRuntime:
     def waiting(self) -> int:
         return self.done.qsize()
 
-    def cancel(self, job: Job) -> ClientResult:
+    def cancel(self, job: Job) -> Stopped:
         """A due job: never started (the listener will skip it), or its child is killed."""
         with self.lock:
             self.live.discard(job.id)
@@ -210,11 +210,9 @@ class ProcessRuntime:
                     sent = slot.sent
                     slot.doomed = True
                     slot.child.kill()
-        limit = f"{self.config.round_timeout:g} s"
         if sent is None:
-            return ClientResult.failure(job.task, f"deadline: not started within {limit}")
-        return ClientResult.failure(job.task, f"deadline: no reply within {limit} (child "
-                                    "killed)", bytes_down=sent)
+            return Stopped("never sent to a child", started=False)
+        return Stopped("child killed", bytes_down=sent)
 
     def close(self) -> None:
         """SHUTDOWN to every child, a short grace, then SIGKILL; reap all; join threads."""

@@ -31,7 +31,7 @@ from tinyfed.compress import parse_pipeline
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster address to answer before giving up
 INSTALL_HINT = 'pip install "tinyfed[ray]"'
@@ -307,22 +307,18 @@ class RayRuntime:
         result.bytes_down = job.frame_len
         return result
 
-    def cancel(self, job: Job) -> ClientResult:
+    def cancel(self, job: Job) -> Stopped:
         """A due job: a running one's actor is killed and replaced, a queued one never starts.
         Other jobs, running or queued, are untouched."""
-        timeout = self.config.round_timeout
         for ref, item in list(self.running.items()):
             if item.job is job:
                 del self.running[ref]
                 self.replace(item.slot, kill=True)
                 self.idle.append(item.slot)
-                return ClientResult.failure(
-                    job.task, f"deadline: no reply within round_timeout={timeout:g} s; ray "
-                    "actor killed", bytes_down=item.frame_len)
+                return Stopped("ray actor killed and replaced", bytes_down=item.frame_len)
         for item in [i for i in self.queue if i.job is job]:
             self.queue.remove(item)
-        return ClientResult.failure(job.task, "deadline: not started within "
-                                    f"round_timeout={timeout:g} s")
+        return Stopped("never handed to an actor", started=False)
 
     def close(self) -> None:
         ray = self.ray

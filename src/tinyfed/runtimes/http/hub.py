@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tinyfed import wire
 from tinyfed.errors import WireError
 from tinyfed.protocol import ClientResult, ClientTask, check_update
-from tinyfed.runtimes.base import Delivery, Job
+from tinyfed.runtimes.base import Delivery, Job, Stopped
 from tinyfed.wire import Kind
 
 BOOT_HEADER = "X-Tinyfed-Boot"  # response header naming the server's boot (clients re-register)
@@ -118,14 +118,14 @@ class Hub:
                 old.task, "superseded by a newer task", bytes_down=old.bytes_down)))
         self._wake(job.task.client_id)
 
-    def cancel(self, job: Job) -> ClientResult | None:
-        """The job is due: close its task (a later upload is 409) and return its failure;
-        None when its answer is already admitted or being checked (it will be delivered)."""
+    def cancel(self, job: Job) -> Stopped | None:
+        """The job is due: close its task (a later upload is 409) and say so; None when its
+        answer is already admitted or being checked (it will be delivered)."""
         slot = self._close_open(job.task.client_id, job, answered=False)
         if slot is None:  # answered, superseded, failed, or being checked: it will be delivered
             return None
-        return ClientResult.failure(slot.task, "deadline passed: no update from the client",
-                                    bytes_down=slot.bytes_down)
+        how = "task closed: a late upload is refused with 409"
+        return Stopped(how, bytes_down=slot.bytes_down, started=slot.bytes_down > 0)
 
     def _close_open(self, client_id: int, job: Job | None, answered: bool) -> Slot | None:
         """Take this client's open slot (of `job`, if given) unless an upload for it is being

@@ -24,8 +24,7 @@ from tinyfed.checkpoint import atomic_write
 from tinyfed.errors import ConfigError
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus
-from tinyfed.protocol import ClientResult
-from tinyfed.runtimes.base import Delivery, Job
+from tinyfed.runtimes.base import Delivery, Job, Stopped
 from tinyfed.runtimes.http.app import create_app
 from tinyfed.runtimes.http.auth import TokenBook, new_token
 from tinyfed.runtimes.http.conn import protocol_class
@@ -175,5 +174,5 @@ class HttpRuntime:
 
     ready = waiting
 
-    def cancel(self, job: Job) -> ClientResult | None:
+    def cancel(self, job: Job) -> Stopped | None:
         return self.hub.cancel(job)
