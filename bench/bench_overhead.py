@@ -74,6 +74,14 @@ def main() -> None:
         )
     ratio = min(v[0] for v in rows["tinyfed"]) / min(v[0] for v in rows["plain"])
     print(f"ratio tinyfed/plain = {ratio:.3f} (goal <= 1.05)")
+    for name, vals in rows.items():
+        secs = sorted(v[0] for v in vals)
+        print(f"{name:8s} s/round over repeats min/median/max {secs[0]:.3f} / "
+              f"{statistics.median(secs):.3f} / {secs[-1]:.3f}")
+    pairs = sorted(t[0] / p[0] for t, p in zip(rows["tinyfed"], rows["plain"]))
+    print(f"ratio of each alternating pair min/median/max {pairs[0]:.3f} / "
+          f"{statistics.median(pairs):.3f} / {pairs[-1]:.3f}; load average "
+          f"{os.getloadavg()[0]:.2f}")
     print("rerun: python bench/bench_overhead.py " + " ".join(sys.argv[1:]))
 
 

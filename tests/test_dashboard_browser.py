@@ -143,6 +143,7 @@ def test_run_with_dashboard_plots_live_rounds_that_match_metrics(browser, tmp_pa
         records = read_metrics(out / "metrics.jsonl")
         assert [r["round"] for r in records] == [1, 2, 3, 4]
         assert_page_matches(page, records)
+        assert not page.is_visible("#card-privacy")  # no DP, no privacy card
         # The estimate line is W·C·R with W = the encoded model and C = 4 clients per round.
         meta = page.evaluate("window.tinyfedData.runs[0]")
         assert meta["clients_per_round"] == 4
@@ -227,7 +228,6 @@ def test_dashboard_tails_a_folder_reports_bad_lines_and_survives_a_restart(
         page.wait_for_function(
             "+document.querySelector('#chart-accuracy').dataset.points === 3", timeout=WAIT_MS)
         page.wait_for_selector("#status[data-state=live]", timeout=WAIT_MS)
-        page.wait_for_function("window.tinyfedProgress === ''", timeout=WAIT_MS)  # all in
         page.click("#card-records summary")
         good = [json.loads(line) for line in lines]
         assert_page_matches(page, good)  # three rounds, none twice
@@ -240,3 +240,33 @@ def test_dashboard_tails_a_folder_reports_bad_lines_and_survives_a_restart(
         finally:
             if dash2 is not None:
                 dash2.stop()
+
+
+def test_a_private_run_shows_epsilon_per_round(browser, tmp_path, cli_env):
+    """dp-fedavg records ε each round: the page shows the privacy card with those values
+    (hidden for runs without DP) and an ε column."""
+    from tests.conftest import small_config
+    from tinyfed.runner import execute, open_run
+
+    out = tmp_path / "dp"
+    run_dir, config = open_run(small_config(rounds=3, out=str(out), strategy="dp-fedavg",
+                                            clients=8, fraction=0.5), None, {})
+    execute(config, run_dir, live=False, stream=open(os.devnull, "w"))  # noqa: SIM115
+    eps = [r["epsilon"] for r in read_metrics(out / "metrics.jsonl")]
+    port = free_port()
+    dash = Proc(["dashboard", str(out), "--port", str(port)], cli_env, tmp_path)
+    try:
+        url = dash.read_until(r"(http://127\.0\.0\.1:\d+/)").group(1)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        page.wait_for_function(
+            "+document.querySelector('#chart-privacy')?.dataset.points === 3", timeout=WAIT_MS)
+        assert page.is_visible("#card-privacy")
+        assert page.evaluate("window.tinyfedData.runs[0].records.map(r => r.epsilon)") == eps
+        page.click("#card-records summary")
+        headers = page.evaluate("[...document.querySelectorAll('#tables th')]"
+                                ".map(th => th.textContent)")
+        assert "epsilon" in headers
+        assert eps == sorted(eps) and eps[0] > 0
+    finally:
+        dash.stop()

@@ -172,3 +172,24 @@ def test_bad_strategy_settings_exit_2_with_one_line(tmp_path, cli_env, args, wor
     err = proc.stderr.strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert all(w in err for w in words), err
+
+
+def test_a_target_epsilon_already_spent_at_resume_is_exit_2(tmp_path, cli_env):
+    out = tmp_path / "dp"
+    base = [sys.executable, "-m", "tinyfed", "run", "--plain"]
+    first = subprocess.run([*base, "--dataset", "synthetic", "--model", "mlp128", "--clients",
+                            "20", "--fraction", "0.5", "--rounds", "3", "--strategy",
+                            "dp-fedavg", "--dp-noise", "1", "--out", str(out)],
+                           env=cli_env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    spent = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epsilon"]
+    late = subprocess.run([*base, "--resume", str(out), "--rounds", "6", "--target-epsilon",
+                           "1"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert late.returncode == 2 and "Traceback" not in late.stderr
+    assert late.stderr.strip() == (f"tinyfed: error: target_epsilon = 1: the 3 rounds already "
+                                   f"run spent ε = {spent:.4g} (δ=1e-05); allowed: a target of "
+                                   f"at least {spent:.4g}")
+    ok = subprocess.run([*base, "--resume", str(out), "--rounds", "6", "--target-epsilon",
+                         str(round(spent + 0.5, 2))], env=cli_env, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0 and "privacy budget: round 4 would bring ε to" in ok.stdout

@@ -27,6 +27,7 @@ RESUMABLE = {
     "checkpoint_every",
     "keep_checkpoints",
     "target_accuracy",
+    "target_epsilon",
     "runtime",
     "workers",
     "respawn",
