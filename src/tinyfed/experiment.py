@@ -6,6 +6,9 @@ rebuilds the same shards from the same config, so data never travels over a tran
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +18,7 @@ from tinyfed import wire
 from tinyfed.client import Shard
 from tinyfed.config import Config
 from tinyfed.data import Dataset, label_histogram, load_dataset, partition
+from tinyfed.data.shared import SharedExamples, attach, publish
 from tinyfed.models import build_model, count_parameters, state_of
 from tinyfed.wire import Tensors, TensorSpec
 
@@ -53,6 +57,7 @@ class Experiment:
     num_parameters: int
     _layout: tuple[torch.Tensor, torch.Tensor, list[int]] | None = field(default=None,
                                                                          repr=False)
+    examples: SharedExamples | None = None  # the clients' examples in a shared memory file
 
     @classmethod
     def build(cls, config: Config) -> Experiment:
@@ -78,6 +83,23 @@ class Experiment:
         xs, ys, starts = self._layout
         lo, hi = starts[client_id], starts[client_id + 1]
         return Shard(xs[lo:hi], ys[lo:hi])
+
+    def share_examples(self) -> SharedExamples:
+        """Move the clients' examples into one anonymous memory file that child processes map
+        read-only (`data.shared`). This process then holds that copy only: its training set
+        becomes the file's layout (client after client) and the partition ranges into it, so
+        shards, sizes and histograms are unchanged and the original copy is freed."""
+        if self.examples is None:
+            ds = self.dataset
+            desc = publish(ds.train_x, ds.train_y, self.parts, ds.num_classes)
+            x, y = attach(desc)
+            self.dataset = dataclasses.replace(ds, train_x=x, train_y=y)
+            self.parts = [np.arange(lo, hi, dtype=np.int64)
+                          for lo, hi in zip(desc.starts, desc.starts[1:])]
+            self._layout = (x, y, list(desc.starts))
+            self.examples = desc
+            weakref.finalize(self, os.close, desc.fd)  # the memory goes with the last map
+        return self.examples
 
     def shard_size(self, client_id: int) -> int:
         return int(len(self.parts[client_id]))

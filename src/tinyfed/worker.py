@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tinyfed.config import Config
+from tinyfed.data.shared import SharedExamples, attach, shards_of
 from tinyfed.experiment import load_data, shard_of, split
 from tinyfed.protocol import ClientWorker
 
@@ -26,13 +27,21 @@ def configure_torch(config: Config, threads: int | None = None) -> None:
         torch.set_num_threads(max(1, int(wanted)))
 
 
-def build_worker(config: Config, threads: int | None = None) -> ClientWorker:
-    """Torch set up, the data loaded, the shards rebuilt from the config, a ClientWorker."""
+def build_worker(config: Config, threads: int | None = None,
+                 examples: SharedExamples | None = None) -> ClientWorker:
+    """Torch set up, the shards (views into the examples a parent shares, or rebuilt from the
+    config after loading the data set), a ClientWorker."""
     configure_torch(config, threads)
-    dataset = load_data(config)
-    parts = split(config, dataset)
-    worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
-                          lambda cid: shard_of(dataset, parts, cid), max_frame=config.max_frame)
+    if examples is not None:
+        x, y = attach(examples)
+        worker = ClientWorker(config.model, examples.shape, examples.num_classes,
+                              shards_of(examples, x, y), max_frame=config.max_frame)
+    else:
+        dataset = load_data(config)
+        parts = split(config, dataset)
+        worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
+                              lambda cid: shard_of(dataset, parts, cid),
+                              max_frame=config.max_frame)
     # torch's first optimizer imports torch._dynamo (~800 modules, seconds): pay it while
     # starting, not inside the first round's deadline.
     torch.optim.SGD(worker.model.parameters(), lr=0.1)

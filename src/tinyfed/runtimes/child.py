@@ -81,11 +81,16 @@ def misbehave(mode: str, write_fd: int, reply) -> None:
 
 
 def setup(header: dict):
-    """Config, threads, data and the worker, from the HELLO header."""
+    """Config, threads, data and the worker, from the HELLO header: the examples the parent
+    shares when it does (mapped, not loaded), else the data set loaded from the config."""
     from tinyfed.config import build_config
+    from tinyfed.data.shared import SharedExamples
     from tinyfed.worker import build_worker
 
-    return build_worker(build_config(header["config"]), int(header.get("threads", 1)))
+    config, threads = build_config(header["config"]), int(header.get("threads", 1))
+    if "examples" in header:
+        return build_worker(config, threads, SharedExamples.from_header(header["examples"]))
+    return build_worker(config, threads)
 
 
 def serve(read_fd: int, write_fd: int, num: int) -> int:

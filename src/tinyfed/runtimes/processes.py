@@ -26,6 +26,7 @@ import tinyfed
 from tinyfed import protocol, wire
 from tinyfed.compress import parse_pipeline
 from tinyfed.config import Config
+from tinyfed.data.shared import SharedExamples
 from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
@@ -102,14 +103,16 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch(num: int) -> Child:
-    """Start one child holding only its own two pipe ends (ours stay non-inheritable)."""
+def launch(num: int, shared_fds: tuple[int, ...] = ()) -> Child:
+    """Start one child holding only its own two pipe ends (ours stay non-inheritable) and the
+    shared read-only files it is given (the examples' memory file)."""
     task_r, task_w = os.pipe()  # parent writes tasks, child reads
     up_r, up_w = os.pipe()  # child writes updates, parent reads
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tinyfed.runtimes.child", str(task_r), str(up_w), str(num)],
-            pass_fds=(task_r, up_w), close_fds=True, stdin=subprocess.DEVNULL, env=child_env())
+            pass_fds=(task_r, up_w, *shared_fds), close_fds=True, stdin=subprocess.DEVNULL,
+            env=child_env())
     except BaseException:
         for fd in (task_w, up_r):
             os.close(fd)
@@ -170,11 +173,13 @@ class ProcessRuntime:
         self.crc = wire.CrcMemo()  # send() is called from the server loop only
         self.closing = False
         self.spawned: list[Child] = []  # every child ever started, for a last-resort reap
+        self.examples: SharedExamples | None = None  # one mapped copy of the clients' data
 
     # ---- Transport protocol -----------------------------------------------------------
     def start(self, experiment: Experiment) -> None:
         cfg = experiment.config
         self.config = cfg
+        self.examples = experiment.share_examples()
         children = [self._launch(slot.num) for slot in self.slots]  # start all, then wait
         for slot, child in zip(self.slots, children):
             handshake(child, self._hello_for(slot.num))
@@ -237,6 +242,7 @@ class ProcessRuntime:
         for child in self.spawned:
             if child.to_child != -1 or child.proc.returncode is None:
                 child.reap()
+        self.examples = None  # the experiment owns the file (its own shards map it too)
 
     # ---- helpers ----------------------------------------------------------------------
     def pids(self) -> list[int]:
@@ -247,12 +253,14 @@ class ProcessRuntime:
         """The config (the child rebuilds data and shards from it) and the ids it serves."""
         cfg = self.config
         ids = [c for c in range(cfg.clients) if self.shared or c % self.workers == num]
-        return wire.encode_frame(wire.Kind.HELLO, {
-            "config": cfg.model_dump(), "child": num, "clients": ids, "workers": self.workers,
-            "threads": max(1, (os.cpu_count() or 1) // self.workers)})
+        header = {"config": cfg.model_dump(), "child": num, "clients": ids,
+                  "workers": self.workers, "threads": max(1, (os.cpu_count() or 1) // self.workers)}
+        if self.examples is not None:
+            header["examples"] = self.examples.header()
+        return wire.encode_frame(wire.Kind.HELLO, header)
 
     def _launch(self, num: int) -> Child:
-        child = launch(num)
+        child = launch(num, (self.examples.fd,) if self.examples is not None else ())
         self.spawned.append(child)
         return child
 

@@ -1,0 +1,95 @@
+"""One copy of the clients' training examples, mapped by every process that trains.
+
+The parent lays the examples out client after client (the layout `Experiment.shard` uses) in
+an anonymous memory file (`memfd_create`): it has no name on disk, so a killed run leaks
+nothing, and it is handed to each child as an inherited file descriptor. A child maps it
+read-only (copy-on-write, so nothing a child does reaches the others) instead of decoding and
+normalizing the whole data set itself; every client's shard is a view into the map. Only raw
+float32 and int64 values cross, sized by the parent's description, which the child checks
+against the file before mapping.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tinyfed.client import Shard
+from tinyfed.errors import DataError
+
+
+@dataclass(frozen=True)
+class SharedExamples:
+    """What a child needs to map the examples: the fd, shapes and each client's range."""
+
+    fd: int
+    count: int  # examples laid out (the clients' shards back to back)
+    shape: tuple[int, int, int]  # one image
+    starts: tuple[int, ...]  # client i's examples are [starts[i], starts[i+1])
+    num_classes: int
+
+    def header(self) -> dict:
+        return {"fd": self.fd, "count": self.count, "shape": list(self.shape),
+                "starts": list(self.starts), "num_classes": self.num_classes}
+
+    @classmethod
+    def from_header(cls, h: dict) -> SharedExamples:
+        return cls(int(h["fd"]), int(h["count"]), tuple(int(s) for s in h["shape"]),
+                   tuple(int(s) for s in h["starts"]), int(h["num_classes"]))
+
+    @property
+    def x_bytes(self) -> int:
+        return self.count * int(np.prod(self.shape)) * 4
+
+    @property
+    def size(self) -> int:
+        return self.x_bytes + self.count * 8
+
+
+def publish(train_x: torch.Tensor, train_y: torch.Tensor, parts: list[np.ndarray],
+            num_classes: int) -> SharedExamples:
+    """Write the clients' examples into a new anonymous memory file; the caller closes its fd
+    when no process will map it again."""
+    order = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64),
+                            dtype=torch.int64)
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
+    shape = tuple(int(s) for s in train_x.shape[1:])
+    fd = os.memfd_create("tinyfed-examples", 0)
+    desc = SharedExamples(fd, len(order), shape, tuple(starts), num_classes)
+    os.ftruncate(fd, desc.size)
+    x, y = _map(desc, writable=True)
+    torch.index_select(train_x, 0, order, out=x)
+    torch.index_select(train_y, 0, order, out=y)
+    return desc
+
+
+def _map(desc: SharedExamples, writable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    path = f"/proc/self/fd/{desc.fd}"
+    whole = torch.from_file(path, shared=writable, size=desc.size, dtype=torch.uint8)
+    x = whole[: desc.x_bytes].view(torch.float32).view(desc.count, *desc.shape)
+    y = whole[desc.x_bytes:].view(torch.int64)
+    return x, y
+
+
+def attach(desc: SharedExamples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map the examples a parent published (checked against the file's real size)."""
+    try:
+        size = os.fstat(desc.fd).st_size
+    except OSError as exc:
+        raise DataError(f"shared examples: fd {desc.fd} is not open ({exc})") from None
+    if size != desc.size or desc.starts[-1] != desc.count:
+        raise DataError(f"shared examples: file holds {size} bytes; the description says "
+                        f"{desc.size}")
+    return _map(desc)
+
+
+def shards_of(desc: SharedExamples, x: torch.Tensor, y: torch.Tensor):
+    """client id → its Shard, a view into the map."""
+    def shard(client_id: int) -> Shard:
+        lo, hi = desc.starts[client_id], desc.starts[client_id + 1]
+        return Shard(x[lo:hi], y[lo:hi])
+
+    return shard
