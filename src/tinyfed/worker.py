@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from tinyfed.client import Shard
 from tinyfed.config import Config
-from tinyfed.data.shared import SharedExamples, attach, shards_of
+from tinyfed.data.shared import SharedExamples, attach, client_rows
 from tinyfed.experiment import load_data, shard_of, split
 from tinyfed.protocol import ClientWorker
 
@@ -34,8 +35,13 @@ def build_worker(config: Config, threads: int | None = None,
     configure_torch(config, threads)
     if examples is not None:
         x, y = attach(examples)
-        worker = ClientWorker(config.model, examples.shape, examples.num_classes,
-                              shards_of(examples, x, y), max_frame=config.max_frame)
+
+        def shard(cid: int) -> Shard:  # a view into the parent's one copy
+            rows = client_rows(examples, cid)
+            return Shard(x[rows], y[rows])
+
+        worker = ClientWorker(config.model, examples.shape, examples.num_classes, shard,
+                              max_frame=config.max_frame)
     else:
         dataset = load_data(config)
         parts = split(config, dataset)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinyfed.client import Shard
 from tinyfed.errors import DataError
 
 
@@ -86,10 +85,6 @@ def attach(desc: SharedExamples) -> tuple[torch.Tensor, torch.Tensor]:
     return _map(desc)
 
 
-def shards_of(desc: SharedExamples, x: torch.Tensor, y: torch.Tensor):
-    """client id → its Shard, a view into the map."""
-    def shard(client_id: int) -> Shard:
-        lo, hi = desc.starts[client_id], desc.starts[client_id + 1]
-        return Shard(x[lo:hi], y[lo:hi])
-
-    return shard
+def client_rows(desc: SharedExamples, client_id: int) -> slice:
+    """The rows of the mapped examples that are one client's shard."""
+    return slice(desc.starts[client_id], desc.starts[client_id + 1])
