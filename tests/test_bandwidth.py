@@ -12,10 +12,11 @@ import torch
 
 from tests.conftest import small_config
 from tinyfed import wire
-from tinyfed.bandwidth import LINKS, airtime, raw_bytes, report
+from tinyfed.bandwidth import airtime, raw_bytes, report
 from tinyfed.cli import main
 from tinyfed.compress import parse_pipeline
 from tinyfed.config import build_config
+from tinyfed.links import LINKS
 from tinyfed.metrics import read_records
 from tinyfed.models import build_model, state_of
 from tinyfed.protocol import ClientWorker

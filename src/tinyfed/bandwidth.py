@@ -10,7 +10,7 @@ the values, so the measured size is the size of every round's update.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -20,45 +20,24 @@ from tinyfed import wire
 from tinyfed.client import TrainSettings, task_seed
 from tinyfed.compress import downlink, parse_pipeline
 from tinyfed.config import Config
+from tinyfed.data.sources import SOURCES
 from tinyfed.errors import ConfigError
+from tinyfed.links import Link
 from tinyfed.models import build_model, state_of
 from tinyfed.protocol import ClientTask
 from tinyfed.wire import Kind, Tensors
 
-INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
-    "fmnist": (1, 28, 28), "mnist": (1, 28, 28), "synthetic": (1, 28, 28), "cifar10": (3, 32, 32),
-}
-NUM_CLASSES = 10
 PERTURBATION = 1e-3  # std of the seeded random delta standing in for a trained update
 
 
-@dataclass(frozen=True)
-class Link:
-    """A radio's nominal application rates; airtime = bits / rate, no packet overhead."""
-
-    name: str
-    up_kbps: float
-    down_kbps: float
-    assumption: str
-    duty_cycle: float | None = None  # percent of time the device may transmit, by regulation
-
-
-LINKS: dict[str, Link] = {
-    "ble": Link("BLE", 1000, 1000, "Bluetooth LE 1M PHY raw rate; GATT throughput is often "
-                "100-700 kbit/s"),
-    "lora": Link("LoRa", 5.47, 5.47, "SF7, 125 kHz, CR 4/5 (EU868 DR5), max 222 B per packet; "
-                 "EU868 sub-band duty cycle 1%", duty_cycle=1.0),
-    "nbiot": Link("NB-IoT", 62.5, 26.2, "3GPP Rel-13 Cat-NB1 peak: 62.5 kbit/s up (multi-tone), "
-                  "26.2 kbit/s down"),
-    "ltem": Link("LTE-M", 1000, 1000, "3GPP Rel-13 Cat-M1 peak 1 Mbit/s; half-duplex devices "
-                 "reach about 375 kbit/s up"),
-    "wifi": Link("Wi-Fi", 54000, 54000, "802.11g 54 Mbit/s nominal; real throughput about half"),
-}
-
-
 def model_for(config: Config) -> nn.Module:
-    shape = INPUT_SHAPES[config.dataset]
-    return build_model(config.model, shape, NUM_CLASSES, seed=config.seed)
+    """The model for the data set's image shape and classes (from the data registry; a user's
+    data set would have to be loaded to know them)."""
+    source = SOURCES.get(config.dataset)
+    if source is None:
+        raise ConfigError(f"tinyfed bandwidth knows the built-in data sets "
+                          f"({', '.join(SOURCES)}); {config.dataset!r} would have to be loaded")
+    return build_model(config.model, source.shape, len(source.classes), seed=config.seed)
 
 
 def tensor_table(tensors: Tensors) -> list[dict[str, Any]]:
@@ -191,7 +170,7 @@ def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
     slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
     grads = params * 4
     optimizer = slots * params * 4
-    acts = activation_bytes(model, INPUT_SHAPES[config.dataset], batch)
+    acts = activation_bytes(model, SOURCES[config.dataset].shape, batch)
     return {
         "params": params,
         "storage_fp32_bytes": weights,
@@ -212,15 +191,13 @@ def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
 def report(config: Config, links: list[Link], duty_cycle: float | None, batch: int,
            rounds: int | None = None) -> dict[str, Any]:
     """Everything `tinyfed bandwidth` shows, as plain data."""
-    if config.dataset not in INPUT_SHAPES:
-        raise ConfigError(f"dataset {config.dataset!r}: allowed {', '.join(INPUT_SHAPES)}")
     model = model_for(config)
     weights = state_of(model)
     t = traffic(config, weights, rounds)
     return {
         "dataset": config.dataset,
         "model": config.model,
-        "input_shape": list(INPUT_SHAPES[config.dataset]),
+        "input_shape": list(SOURCES[config.dataset].shape),
         "clients": config.clients,
         "fraction": config.fraction,
         "tensors": tensor_table(weights),

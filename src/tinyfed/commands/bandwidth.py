@@ -19,7 +19,7 @@ KEYS = ("dataset", "model", "clients", "fraction", "rounds", "codec", "down_code
 
 
 def register(sub) -> None:
-    from tinyfed.bandwidth import LINKS
+    from tinyfed.links import LINKS
 
     p = sub.add_parser("bandwidth", help="traffic, airtime and device footprint of a run",
                        description="Per-tensor sizes, bytes per round and run (with codecs, "
@@ -38,8 +38,9 @@ def register(sub) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from tinyfed.bandwidth import LINKS, Link, compare_run, report
+    from tinyfed.bandwidth import compare_run, report
     from tinyfed.config import build_config
+    from tinyfed.links import LINKS, Link
     from tinyfed.metrics import read_records
     from tinyfed.rundir import RunDir
 

@@ -43,17 +43,35 @@ def flag_help(name: str) -> str:
     return text.replace("%", "%%")
 
 
+class LazyHelp:
+    """A flag's help, made only when help is printed: the registries it lists import torch,
+    which `tinyfed --help` and a mistyped flag should not wait for (argparse asks a help
+    string only for truth, `strip()` and `%`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __bool__(self) -> bool:
+        return True
+
+    def strip(self) -> str:
+        return self.name
+
+    def __mod__(self, params: dict) -> str:
+        return flag_help(self.name) % params
+
+
 def add_config_flag(group, name: str) -> None:
     """`--name` (and `--no-name` for a boolean) for one config key."""
     flag = "--" + name.replace("_", "-")
     typ = flag_type(Config.model_fields[name].annotation)
     if typ is BOOLEAN:
         group.add_argument(flag, dest=name, action="store_const", const=True, default=None,
-                           help=flag_help(name))
+                           help=LazyHelp(name))
         group.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,
                            default=None, help=f"not {flag}")
     else:
-        group.add_argument(flag, dest=name, type=typ, default=None, help=flag_help(name),
+        group.add_argument(flag, dest=name, type=typ, default=None, help=LazyHelp(name),
                            metavar=name.upper())
 
 

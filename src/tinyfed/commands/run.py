@@ -7,7 +7,6 @@ import sys
 
 from tinyfed.commands.experiment_flags import add_experiment_flags, config_from, overrides_from
 from tinyfed.errors import ConfigError
-from tinyfed.rundir import RunDir
 
 
 def register(sub) -> None:
@@ -24,6 +23,7 @@ def register(sub) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from tinyfed.rundir import RunDir  # torch comes with it: not for --help
     from tinyfed.runner import execute, open_run, summary
 
     if args.resume:

@@ -11,7 +11,6 @@ import sys
 
 from tinyfed.commands.experiment_flags import add_experiment_flags, config_from, overrides_from
 from tinyfed.errors import ConfigError
-from tinyfed.rundir import RunDir
 
 TOKENS_NAME = "tokens.txt"
 
@@ -40,6 +39,7 @@ def register(sub) -> None:
 def handle(args: argparse.Namespace) -> int:
     from tinyfed.extras import require
     from tinyfed.metrics import EventBus
+    from tinyfed.rundir import RunDir  # torch comes with it: not for --help
     from tinyfed.runner import execute, summary
     from tinyfed.runtimes.http.auth import new_tokens, read_tokens, write_tokens
 
