@@ -43,21 +43,21 @@ def split_extras(tensors: Tensors) -> tuple[Tensors, Tensors]:
     return model, extras
 
 
-class _PayloadMemo:
-    """The tensors of the last round payload given per-client extras (decoded once a round)."""
+class TaskPayloads:
+    """Task payloads: the round's shared one as it is, or, for a client with tensors of its own
+    (SCAFFOLD's variates), the model and those together in one safetensors payload (the shared
+    payload is decoded once a round, not once per client)."""
 
-    payload: bytes | None = None
-    tensors: Tensors = {}
+    def __init__(self) -> None:
+        self._payload: bytes | None = None
+        self._tensors: Tensors = {}
 
-
-def with_tensors(payload: bytes, extras: Tensors) -> bytes:
-    """A task payload: the round's shared one as it is, or, for a client with tensors of its
-    own (SCAFFOLD's variates), the model and those together in one safetensors payload."""
-    if not extras:
-        return payload
-    if _PayloadMemo.payload is not payload:
-        _PayloadMemo.payload, _PayloadMemo.tensors = payload, wire.decode_tensors(payload)
-    return wire.encode_tensors(with_extras(_PayloadMemo.tensors, extras))
+    def for_client(self, payload: bytes, extras: Tensors) -> bytes:
+        if not extras:
+            return payload
+        if self._payload is not payload:
+            self._payload, self._tensors = payload, wire.decode_tensors(payload)
+        return wire.encode_tensors(with_extras(self._tensors, extras))
 
 
 def check_params(raw: Any) -> dict[str, float]:

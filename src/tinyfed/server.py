@@ -16,7 +16,7 @@ from tinyfed.compress import downlink
 from tinyfed.core import RoundFailed, RunCore, RunState, Tally
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, Record
-from tinyfed.protocol import ClientResult, ClientTask, with_tensors
+from tinyfed.protocol import ClientResult, ClientTask, TaskPayloads
 from tinyfed.runtimes.base import Runtime
 from tinyfed.strategies import Strategy, select_clients
 
@@ -58,6 +58,7 @@ class Server:
         self.exp, self.cfg = experiment, experiment.config
         self.runtime = runtime
         self.strategy = strategy
+        self.payloads = TaskPayloads()
 
     @property
     def state(self) -> RunState:
@@ -104,7 +105,8 @@ class Server:
                                   params={**told[cid].params, **attack_params}, attack=attack)
                 expect = core.expectation(task, seen)
                 expect.extras = told[cid].returns
-                self.runtime.submit(task, with_tensors(payload, told[cid].tensors), expect)
+                self.runtime.submit(task, self.payloads.for_client(payload, told[cid].tensors),
+                                    expect)
             failed = []
             core.progress(round_num, tally, len(selected))
             for result in self.runtime.results(cfg.round_timeout):
