@@ -273,3 +273,16 @@ def test_attacks_forge_what_they_say():
     assert ATTACKS["label-flip"].poison(shard, 10).y.tolist() == [9, 6, 0]
     assert attackers(list(range(10)), 2, 7) == attackers(list(range(10)), 2, 7)
     assert len(set(attackers(list(range(10)), 3, 7))) == 3
+
+
+def test_a_task_header_bounds_its_algorithm_name_and_params():
+    from tinyfed.errors import WireError
+
+    task = ClientTask(1, 2, 3, TrainSettings(), algorithm="pkg.sub.module:" + "A" * 100,
+                      params={"mu": 0.5})
+    assert ClientTask.from_header(task.header()) == task  # a long module path survives
+    h = task.header()
+    for bad in ({"algorithm": "x" * 201}, {"algorithm": 7}, {"params": {"mu": "0.5"}},
+                {"params": {f"k{i}": 1.0 for i in range(17)}}, {"attack": ["sign-flip"]}):
+        with pytest.raises(WireError):
+            ClientTask.from_header({**h, **bad})

@@ -60,6 +60,16 @@ class TaskPayloads:
         return wire.encode_tensors(with_extras(self._tensors, extras))
 
 
+MAX_NAME = 200  # characters of an algorithm's or attack's name (a module path fits)
+
+
+def bounded_name(header: dict[str, Any], key: str) -> str:
+    value = header.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_NAME:
+        raise WireError(f"task field {key!r} must be a name of at most {MAX_NAME} characters")
+    return value
+
+
 def check_params(raw: Any) -> dict[str, float]:
     """A task's algorithm parameters: at most MAX_PARAMS finite numbers by short names."""
     if not isinstance(raw, dict) or len(raw) > MAX_PARAMS:
@@ -117,9 +127,9 @@ class ClientTask:
                 codec=str(h.get("codec", "")),
                 version=wire.header_int(h, "version", 0, 2**62),
                 down_codec=str(h.get("down_codec", "")),
-                algorithm=str(h.get("algorithm", ""))[:40],
+                algorithm=bounded_name(h, "algorithm"),
                 params=check_params(h.get("params", {})),
-                attack=str(h.get("attack", ""))[:40],
+                attack=bounded_name(h, "attack"),
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"task header is malformed: {exc}") from None
