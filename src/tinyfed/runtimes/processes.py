@@ -179,7 +179,8 @@ class ProcessRuntime:
     def start(self, experiment: Experiment) -> None:
         cfg = experiment.config
         self.config = cfg
-        self.examples = experiment.share_examples()
+        # one mapped copy of the data for the tree (Linux); elsewhere each child loads its own
+        self.examples = experiment.share_examples() if hasattr(os, "memfd_create") else None
         children = [self._launch(slot.num) for slot in self.slots]  # start all, then wait
         for slot, child in zip(self.slots, children):
             handshake(child, self._hello_for(slot.num))
