@@ -23,7 +23,7 @@ def test_published_examples_are_each_clients_rows_in_order_and_copy_on_write():
     try:
         mx, my = attach(desc)
         for cid, part in enumerate(parts):
-            rows = client_rows(desc, cid)
+            rows = client_rows(desc.starts, cid)
             assert torch.equal(mx[rows], x[part]) and torch.equal(my[rows], y[part])
         mx[0].fill_(99.0)  # a child that writes changes its own pages only
         assert torch.equal(attach(desc)[0][0], x[4])

@@ -18,7 +18,7 @@ from tinyfed import wire
 from tinyfed.client import Shard
 from tinyfed.config import Config
 from tinyfed.data import Dataset, label_histogram, load_dataset, partition
-from tinyfed.data.shared import SharedExamples, attach, publish
+from tinyfed.data.shared import SharedExamples, attach, client_order, client_rows, publish
 from tinyfed.models import build_model, count_parameters, state_of
 from tinyfed.wire import Tensors, TensorSpec
 
@@ -75,14 +75,11 @@ class Experiment:
         """A view into one contiguous copy of every client's examples, made on first use: no
         copy per client in a round (the same rows, in the same order, as indexing gives)."""
         if self._layout is None:
-            order = torch.as_tensor(np.concatenate(self.parts) if self.parts else
-                                    np.zeros(0, dtype=np.int64), dtype=torch.int64)
-            starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])
-            self._layout = (self.dataset.train_x[order], self.dataset.train_y[order],
-                            starts.tolist())
+            order, starts = client_order(self.parts)
+            self._layout = (self.dataset.train_x[order], self.dataset.train_y[order], starts)
         xs, ys, starts = self._layout
-        lo, hi = starts[client_id], starts[client_id + 1]
-        return Shard(xs[lo:hi], ys[lo:hi])
+        rows = client_rows(starts, client_id)
+        return Shard(xs[rows], ys[rows])
 
     def share_examples(self) -> SharedExamples:
         """Move the clients' examples into one anonymous memory file that child processes map

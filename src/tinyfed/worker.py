@@ -37,7 +37,7 @@ def build_worker(config: Config, threads: int | None = None,
         x, y = attach(examples)
 
         def shard(cid: int) -> Shard:  # a view into the parent's one copy
-            rows = client_rows(examples, cid)
+            rows = client_rows(examples.starts, cid)
             return Shard(x[rows], y[rows])
 
         worker = ClientWorker(config.model, examples.shape, examples.num_classes, shard,

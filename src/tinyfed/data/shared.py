@@ -48,13 +48,25 @@ class SharedExamples:
         return self.x_bytes + self.count * 8
 
 
+def client_order(parts: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+    """The training set's rows client after client, and where each client's rows begin (the
+    one layout of in-process shards and of the shared file)."""
+    order = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64),
+                            dtype=torch.int64)
+    starts = [int(s) for s in np.concatenate([[0], np.cumsum([len(p) for p in parts])])]
+    return order, starts
+
+
+def client_rows(starts: list[int] | tuple[int, ...], client_id: int) -> slice:
+    """The rows of a client-ordered layout that are one client's shard."""
+    return slice(starts[client_id], starts[client_id + 1])
+
+
 def publish(train_x: torch.Tensor, train_y: torch.Tensor, parts: list[np.ndarray],
             num_classes: int) -> SharedExamples:
     """Write the clients' examples into a new anonymous memory file; the caller closes its fd
     when no process will map it again."""
-    order = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64),
-                            dtype=torch.int64)
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
+    order, starts = client_order(parts)
     shape = tuple(int(s) for s in train_x.shape[1:])
     fd = os.memfd_create("tinyfed-examples", 0)
     desc = SharedExamples(fd, len(order), shape, tuple(starts), num_classes)
@@ -83,8 +95,3 @@ def attach(desc: SharedExamples) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"shared examples: file holds {size} bytes; the description says "
                         f"{desc.size}")
     return _map(desc)
-
-
-def client_rows(desc: SharedExamples, client_id: int) -> slice:
-    """The rows of the mapped examples that are one client's shard."""
-    return slice(desc.starts[client_id], desc.starts[client_id + 1])
