@@ -68,11 +68,7 @@ class Proximal(Plain):
         return correct if mu > 0 else None
 
 
-def variate_names(model_keys: list[str], prefix: str) -> list[str]:
-    return [f"{prefix}/{k}" for k in model_keys]
-
-
-class Scaffold:
+class Scaffold(Plain):
     """SCAFFOLD (Karimireddy et al. 2020), option II. The task brings the server variate c and
     this client's c_i (kept by the server for clients that keep nothing between rounds); every
     gradient gets + (c − c_i); afterwards c_i⁺ = c_i − c + (x − y_i)/(K·η) with K the local

@@ -55,8 +55,6 @@ STRATEGIES: dict[str, Factory] = {
     "multi-krum": lambda c, w: Krum(c.krum_f, c.krum_m or c.clients_per_round - c.krum_f),
     "dp-fedavg": _dp,
 }
-# Rules that hold every update of a round (memory bounded by the round's clients, not constant)
-WHOLE_ROUND = ("median", "trimmed-mean", "krum", "multi-krum")
 
 
 def pick(registry: dict[str, Callable[..., Any]], key: str, name: str, *args: Any) -> Any:
@@ -92,5 +90,5 @@ def make_async_rule(config: Any) -> AsyncRule:
 
 __all__ = ["ASYNC_RULES", "Aggregator", "AsyncRule", "DPFedAvg", "Defaults", "FedAvg",
            "FedAvgM", "FedNova", "FedOpt", "FedProx", "Instructions", "Krum", "Median",
-           "RunningMean", "STRATEGIES", "Scaffold", "Strategy", "TrimmedMean", "WHOLE_ROUND",
+           "RunningMean", "STRATEGIES", "Scaffold", "Strategy", "TrimmedMean",
            "make_async_rule", "make_strategy", "select_clients"]
