@@ -18,8 +18,10 @@ from tinyfed.compress import parse_pipeline
 from tinyfed.models import build_model, state_of
 from tinyfed.wire import encode_tensors
 
-SPECS = ["", "delta", "fp16", "int8", "int8:channel", "delta+topk:0.01",
-         "delta+topk:0.01+int8"]
+SPECS = ["", "delta", "fp16", "int8", "int8:channel", "int8+zstd", "qsgd:8", "delta+topk:0.01",
+         "delta+topk:0.01+int8", "delta+topk:0.01+int8+zstd", "delta+stc:0.01",
+         "delta+stc:0.01+zstd", "delta+qsgd:2", "delta+qsgd:3+zstd", "delta+qsgd:4",
+         "delta+qsgd:4+zstd", "delta+qsgd:8+zstd", "delta+topk:0.01+qsgd:4+zstd"]
 
 
 def best_of(fn, repeats: int) -> float:
@@ -37,7 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{'model':5} {'codec':22} {'bytes':>10} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
+    print(f"{'model':5} {'codec':28} {'bytes':>10} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
     for name, shape in (("2NN", "mlp"), ("CNN", "cnn")):
         ref = state_of(build_model(shape, (1, 28, 28), 10, 0))
         gen = torch.Generator().manual_seed(0)
@@ -49,7 +51,7 @@ def main() -> None:
             enc = best_of(lambda p=p, x=local, r=ref: encode_tensors(p.encode(x, r, {})),
                           args.repeats)
             dec = best_of(lambda p=p, b=payload, r=ref: p.decode(st_load(b), r), args.repeats)
-            print(f"{name:5} {spec or 'none (fp32)':22} {len(payload):>10,} "
+            print(f"{name:5} {spec or 'none (fp32)':28} {len(payload):>10,} "
                   f"{mb * 1e6 / len(payload):>6.1f} {mb / enc:>9.0f} {mb / dec:>9.0f}")
     print(f"rerun: PYTHONPATH=src python bench/bench_codecs.py --repeats {args.repeats} "
           f"--threads {args.threads}")

@@ -35,15 +35,16 @@ def execute_quiet(cfg):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Every frame the in-process runtime hands a client and every reply, by round."""
+    """Every frame the in-process runtime hands a client and every reply, by round: the bytes a
+    link would carry (the device-memory section, a simulated device's own state, is not)."""
     seen: dict[int, list[int]] = {}
     original = ClientWorker.handle
 
     def handle(self, frame: bytes) -> bytes:
         reply = original(self, frame)
-        rnd = wire.decode_frame(frame).header["round"]
-        down, up = seen.setdefault(rnd, [0, 0])
-        seen[rnd] = [down + len(frame), up + len(reply)]
+        task, update = wire.decode_frame(frame), wire.decode_frame(reply)
+        down, up = seen.setdefault(task.header["round"], [0, 0])
+        seen[task.header["round"]] = [down + task.radio_bytes, up + update.radio_bytes]
         return reply
 
     monkeypatch.setattr(ClientWorker, "handle", handle)

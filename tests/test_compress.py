@@ -146,21 +146,6 @@ def test_error_feedback_is_exact_over_the_whole_pipeline(spec):
     assert worst < 1e-4, worst
 
 
-def test_worker_keeps_codec_state_per_client_across_rounds():
-    from tinyfed.experiment import Experiment
-    from tinyfed.protocol import ClientWorker, task_frame
-
-    cfg = small_config(codec="delta+topk:0.01")
-    exp = Experiment.build(cfg)
-    worker = ClientWorker(cfg.model, exp.dataset.input_shape, 10, exp.shard)
-    for rnd in (1, 2):
-        task = ClientTask(2, rnd, 7, small_settings(), cfg.codec)
-        reply = worker.handle(task_frame(task, wire.encode_tensors(exp.initial)))
-        assert wire.decode_frame(reply).kind == Kind.UPDATE
-    assert set(worker.codec_state) == {2}
-    assert set(worker.codec_state[2]["topk_residual"]) == set(exp.initial)
-
-
 # -- composition and specs ----------------------------------------------------------------------
 
 def test_composition_delta_topk_int8():

@@ -114,9 +114,12 @@ def cli(args, env, **kw):
                           text=True, timeout=120, **kw)
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, cli_env):
+@pytest.mark.parametrize("codecs", [[], ["--codec", "delta+topk:0.1+int8+zstd", "--down-codec",
+                                          "delta+stc:0.1+zstd", "--fraction", "0.5"]],
+                         ids=["fp32", "error-feedback-and-steps"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, cli_env, codecs):
     common = [*SYNTH, "--set", "synthetic_size=2000", "--epochs", "3", "--rounds", "7",
-              "--checkpoint-every", "2", "--deterministic"]
+              "--checkpoint-every", "2", "--deterministic", *codecs]
     ref = cli(["run", *common, "--out", str(tmp_path / "ref")], cli_env)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "killed"

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyfed.broadcast import round_seed
 from tinyfed.client import task_seed
 from tinyfed.compress import downlink
 from tinyfed.core import RoundFailed, RunCore, RunState, Tally
@@ -103,7 +104,8 @@ class AsyncServer:
         """The version with its payload, encoded on first use."""
         ver = self.versions[version]
         if ver.payload is None:
-            ver.payload, ver.seen = downlink(ver.exact, self.cfg.down_codec)
+            ver.payload, ver.seen = downlink(ver.exact, self.cfg.down_codec,
+                                              round_seed(self.cfg.seed, version))
         return ver
 
     def prune(self) -> None:
@@ -146,7 +148,8 @@ class AsyncServer:
 
     def submit(self, task: ClientTask) -> None:
         ver = self.encoded(task.version)
-        self.runtime.submit(task, ver.payload, self.core.expectation(task, ver.seen))
+        self.core.submit(self.runtime, task, self.core.expectation(task, ver.seen),
+                         payload=ver.payload)
         self.inflight[task.client_id] = InFlight(task, time.monotonic() + self.cfg.round_timeout)
         self.uses[task.version] += 1
 

@@ -3,8 +3,8 @@
 The estimate builds the real model from the data set's known input shape (no data needed) and
 measures encoded sizes by running the codec pipelines and the wire module on a real update (the
 initial model plus a seeded small random delta), so frame headers, safetensors headers and codec
-side data (indices, scales) are counted, not guessed. Top-k, int8 and fp16 sizes do not depend on
-the values, so the measured size is the size of every round's update.
+side data (indices, scales) are counted, not guessed. Top-k, int8, fp16 and QSGD sizes do not
+depend on the values, so the measured size is the size of every round's update; zstd's does.
 """
 
 from __future__ import annotations
@@ -58,9 +58,27 @@ def perturbed(weights: Tensors, seed: int = 0) -> Tensors:
             if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def steps_per_task(config: Config) -> int:
+    """Steps a client is sent under a step downlink: it last took part about 1/C rounds ago."""
+    return min(config.down_history, max(1, math.ceil(1 / config.fraction)))
+
+
+def step_payload(config: Config, weights: Tensors) -> bytes:
+    """A step downlink's payload in the steady state: `steps_per_task` encoded steps (each the
+    seeded random delta), or the whole model when that is smaller, as the server chooses."""
+    pipeline = parse_pipeline(config.down_codec)
+    step = wire.encode_tensors(pipeline.encode(perturbed(weights, config.seed + 1), weights))
+    whole = wire.encode_tensors(weights)
+    n = steps_per_task(config)
+    return b"\0" * (n * len(step)) if n * len(step) < len(whole) else whole
+
+
 def task_frame_bytes(config: Config, weights: Tensors, rounds: int) -> tuple[int, int]:
     """(frame bytes, payload bytes) of one task frame as the server sends it."""
-    payload, _ = downlink(weights, config.down_codec)
+    if config.down_codec.startswith("delta"):
+        payload = step_payload(config, weights)
+    else:
+        payload, _ = downlink(weights, config.down_codec)
     cid = config.clients - 1
     task = ClientTask(cid, rounds, task_seed(config.seed, rounds, cid),
                       TrainSettings(config.epochs, config.batch_size, config.optimizer, config.lr,
@@ -100,7 +118,10 @@ def traffic(config: Config, weights: Tensors, rounds: int | None = None) -> dict
         "rounds": rounds,
         "codec": config.codec,
         "down_codec": config.down_codec,
-        "codec_size_source": "measured: encoded the initial model plus a seeded random delta",
+        "codec_size_source": "measured: encoded the initial model plus a seeded random delta"
+        + (f"; down: {steps_per_task(config)} such steps a task (a client takes part every "
+           f"1/C rounds), or the model when smaller" if config.down_codec.startswith("delta")
+           else ""),
         "client_down_bytes": down,
         "client_up_bytes": up,
         "client_down_payload_bytes": down_payload,

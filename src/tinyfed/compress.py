@@ -1,29 +1,34 @@
 """Update codecs between a client's weights and the wire: encode/decode pairs that compose.
 
-A pipeline spec such as ``delta+topk:0.01+int8`` is recorded in the frame header, so the
+A pipeline spec such as ``delta+topk:0.01+int8+zstd`` is recorded in the frame header, so the
 receiver decodes without being told out of band. Each codec turns named tensors into named
 tensors (``name::idx``/``name::val`` for top-k, ``name::q``/``name::scale``/``name::zero`` for
-int8), so everything still travels as safetensors. Decoding validates like any other input:
-a part missing, of the wrong dtype or length, an index out of range or repeated, a non-finite
-scale raise `WireError` and the update is rejected.
+int8, ``name::bits``/``name::norm``/``name::shape`` for QSGD, ``::zstd`` for the entropy stage),
+so everything still travels as safetensors. Decoding validates like any other input: a part
+missing, of the wrong dtype or length, an index out of range, repeated or unsorted, a
+non-finite scale, a bit width outside 1-8, a compressed block that would expand past the
+frame limit raise `WireError` and the update is rejected.
 
-Order is fixed: ``[delta] [topk:F] [fp16 | int8[:channel]]``, each at most once. top-k needs
-delta before it (sparsifying weights would zero most of the model); the downlink allows only
-fp16 and int8 (delta and top-k need a previous model both ends share, which a client picked at
-random does not have).
+Order is fixed: ``[delta] [topk:F] [fp16 | int8[:channel] | qsgd:B | ternary] [zstd]``, each at
+most once; ``stc:F`` is ``topk:F+ternary`` (Sattler et al. 2019). top-k needs delta before it
+(sparsifying weights would zero most of the model). The stateless downlink (a whole model to a
+client that holds none) allows the value quantizers and zstd; `tinyfed.broadcast` sends deltas
+to clients that hold an earlier model.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load as st_load
 
+from tinyfed import bitpack
 from tinyfed.errors import ConfigError, WireError
-from tinyfed.wire import encode_tensors
+from tinyfed.wire import DEFAULT_MAX_FRAME, TensorSpec, encode_tensors
 
 Tensors = dict[str, torch.Tensor]
 SEP = "::"
@@ -31,10 +36,14 @@ SEP = "::"
 
 @dataclass
 class CodecContext:
-    """What both ends share (the reference weights) and the sender's own memory (state)."""
+    """What both ends share (the reference weights), the sender's own memory (state), the seed
+    of stochastic rounding (the task's, so a task encodes the same way every time it runs) and
+    the most bytes a decoder may produce (the frame limit)."""
 
     reference: Tensors
     state: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    limit: int = DEFAULT_MAX_FRAME
 
 
 class Codec(Protocol):
@@ -263,12 +272,164 @@ class TopK:
             idx = idx.to(torch.int64)
             if k and (int(idx.min()) < 0 or int(idx.max()) >= n):
                 raise WireError(f"topk codec: {base}::idx out of range [0, {n})")
-            if torch.unique(idx).numel() != k:
-                raise WireError(f"topk codec: {base}::idx has repeated indices")
+            if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise WireError(f"topk codec: {base}::idx has repeated or unsorted indices "
+                                f"(strictly ascending required)")
             dense = torch.zeros(n, dtype=torch.float32)
             dense[idx] = val.to(torch.float32)
             out[base] = dense.reshape(ref.shape)
         return out
+
+
+def _shape(part: torch.Tensor, codec: str, base: str, limit: int) -> tuple[int, ...]:
+    """A `name::shape` part: a 1-D int64 tensor of at most 8 non-negative dims whose product
+    stays within `limit` (so a decoder never allocates more than a frame could hold)."""
+    if part.dtype != torch.int64 or part.dim() != 1 or part.numel() > 8:
+        raise WireError(f"{codec} codec: {base}::shape must be a 1-D int64 tensor of ≤ 8 dims")
+    dims = tuple(int(d) for d in part.tolist())
+    if any(d < 0 for d in dims) or math.prod(dims) > limit:
+        raise WireError(f"{codec} codec: {base}::shape {dims} is negative or has more than "
+                        f"{limit} elements")
+    return dims
+
+
+def _seed_of(seed: int, name: str) -> int:
+    """A stochastic-rounding seed per (task, tensor): the same task encodes the same way."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+class Qsgd:
+    """QSGD (Alistarh et al. 2017): each bucket of 512 values becomes its L2 norm and, per
+    value, a sign and a level l/s with s = 2^(B-1) - 1, rounded up or down at random so that
+    the decoded value is unbiased. B bits a value, packed; the seed is the task's."""
+
+    PARTS = ("bits", "norm", "shape")
+    BUCKET = 512
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.levels = 2 ** (bits - 1) - 1
+        self.spec = f"qsgd:{bits}"
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        out = {}
+        s = self.levels
+        for name, v in tensors.items():
+            if not v.is_floating_point():
+                out[name] = v
+                continue
+            x = v.detach().to(torch.float32).reshape(-1)
+            n = x.numel()
+            rows = torch.zeros(-(-n // self.BUCKET) * self.BUCKET)
+            rows[:n] = x
+            rows = rows.view(-1, self.BUCKET)
+            norm = rows.norm(dim=1)
+            scaled = rows.abs() / torch.where(norm > 0, norm, 1.0)[:, None] * s
+            low = scaled.floor()
+            gen = torch.Generator().manual_seed(_seed_of(ctx.seed, name))
+            up = torch.rand(rows.shape, generator=gen) < (scaled - low)
+            level = (low + up).clamp_(0, s)
+            q = torch.where(rows < 0, -level, level).reshape(-1)[:n] + s
+            out[f"{name}{SEP}bits"] = bitpack.pack(q, self.bits)
+            out[f"{name}{SEP}norm"] = norm
+            out[f"{name}{SEP}shape"] = torch.tensor(list(v.shape), dtype=torch.int64)
+        return out
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        groups, plain = _parts(tensors, "qsgd", self.PARTS)
+        _reject_plain_floats(plain, "qsgd")
+        out = dict(plain)
+        s = self.levels
+        for base, p in groups.items():
+            dims = _shape(p["shape"], "qsgd", base, ctx.limit)
+            n = math.prod(dims)
+            norm = p["norm"]
+            buckets = -(-n // self.BUCKET)
+            if norm.dtype != torch.float32 or norm.dim() != 1 or norm.numel() != buckets:
+                raise WireError(f"qsgd codec: {base}::norm must be {buckets} float32 values")
+            if not bool(torch.isfinite(norm).all()) or bool((norm < 0).any()):
+                raise WireError(f"qsgd codec: {base}::norm has negative or non-finite values")
+            q = bitpack.unpack(p["bits"], self.bits, n)
+            if n and int(q.max()) > 2 * s:
+                raise WireError(f"qsgd codec: {base} has a level beyond ±{s}")
+            rows = torch.zeros(buckets * self.BUCKET)
+            rows[:n] = (q - s).to(torch.float32) / s
+            out[base] = (rows.view(buckets, -1) * norm[:, None]).reshape(-1)[:n].reshape(dims)
+        return out
+
+
+class Ternary:
+    """Values as ±μ, μ the mean magnitude, one sign bit each: after top-k this is the sparse
+    ternary compression (STC) of Sattler et al. 2019, whose error the top-k residual keeps."""
+
+    PARTS = ("sign", "mu", "shape")
+    spec = "ternary"
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        out = {}
+        for name, v in tensors.items():
+            if not v.is_floating_point():
+                out[name] = v
+                continue
+            x = v.detach().to(torch.float32).reshape(-1)
+            mu = x.abs().mean() if x.numel() else torch.tensor(0.0)
+            out[f"{name}{SEP}sign"] = bitpack.pack(x >= 0, 1)
+            out[f"{name}{SEP}mu"] = mu.reshape(1).to(torch.float32)
+            out[f"{name}{SEP}shape"] = torch.tensor(list(v.shape), dtype=torch.int64)
+        return out
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        groups, plain = _parts(tensors, "ternary", self.PARTS)
+        _reject_plain_floats(plain, "ternary")
+        out = dict(plain)
+        for base, p in groups.items():
+            dims = _shape(p["shape"], "ternary", base, ctx.limit)
+            mu = p["mu"]
+            if mu.dtype != torch.float32 or mu.shape != (1,) or not math.isfinite(float(mu)) \
+                    or float(mu) < 0:
+                raise WireError(f"ternary codec: {base}::mu must be one finite float32 ≥ 0")
+            bits = bitpack.unpack(p["sign"], 1, math.prod(dims)).to(torch.float32)
+            out[base] = ((2.0 * bits - 1.0) * mu).reshape(dims)
+        return out
+
+
+class Zstd:
+    """Lossless entropy coding of everything before it (indices, low-bit values, scales) with
+    Zstandard: the whole encoded set as one compressed safetensors block, ``::zstd``. The
+    block must declare its size, which may not pass the frame limit."""
+
+    KEY = f"{SEP}zstd"
+    LEVEL = 3
+    spec = "zstd"
+    lossless = True
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        import zstandard
+
+        blob = zstandard.ZstdCompressor(level=self.LEVEL, write_content_size=True).compress(
+            encode_tensors(tensors))
+        return {self.KEY: torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+
+    def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
+        import zstandard
+
+        block = tensors.get(self.KEY)
+        if set(tensors) != {self.KEY} or block.dtype != torch.uint8 or block.dim() != 1:
+            raise WireError(f"zstd codec: expected one 1-D uint8 tensor {self.KEY!r}, got "
+                            f"{sorted(tensors)[:5]}")
+        data = block.numpy().tobytes()
+        try:
+            size = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as exc:
+            raise WireError(f"zstd codec: not a zstd frame ({exc})") from None
+        if size < 0 or size > ctx.limit:
+            raise WireError(f"zstd codec: the block declares {size} bytes; a declared size of "
+                            f"at most the frame limit ({ctx.limit}) is required")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=ctx.limit)
+            return st_load(raw) if raw else {}
+        except Exception as exc:  # zstandard's and safetensors' own error types
+            raise WireError(f"zstd codec: the block does not decode: {exc}") from None
 
 
 def _topk(arg: str) -> TopK:
@@ -279,6 +440,12 @@ def _topk(arg: str) -> TopK:
     if not 0 < fraction <= 1:
         raise ValueError(f"topk:F needs a fraction F in (0, 1], got {arg!r}")
     return TopK(fraction)
+
+
+def _qsgd(arg: str) -> Qsgd:
+    if not (arg.isdigit() and 2 <= int(arg) <= 8):
+        raise ValueError(f"qsgd:B needs a bit width B in 2-8, got {arg!r}")
+    return Qsgd(int(arg))
 
 
 def _int8(arg: str) -> Int8:
@@ -296,9 +463,26 @@ def _no_arg(cls):
 
 
 CODECS: dict[str, Any] = {"delta": _no_arg(Delta), "fp16": _no_arg(Fp16), "int8": _int8,
-                          "topk": _topk}
-ORDER = {"delta": 0, "topk": 1, "fp16": 2, "int8": 2}
-DOWNLINK = ("fp16", "int8")
+                          "topk": _topk, "qsgd": _qsgd, "ternary": _no_arg(Ternary),
+                          "zstd": _no_arg(Zstd)}
+ALIASES = {"stc": "topk:{}+ternary"}  # Sattler et al. 2019: top-k, then ±μ
+ORDER = {"delta": 0, "topk": 1, "fp16": 2, "int8": 2, "qsgd": 2, "ternary": 2, "zstd": 3}
+GRAMMAR = "[delta] [topk:F | stc:F] [fp16 | int8[:channel] | qsgd:B | ternary] [zstd], each once"
+DOWNLINK = ("fp16", "int8", "qsgd", "zstd")  # for a whole model, to a client that holds none
+
+
+def memory_tensors(state: dict[str, Any]) -> Tensors:
+    """A sender's codec memory (e.g. ``{"topk_residual": {name: tensor}}``) as flat named
+    tensors, ``topk_residual/name``, the form it travels and rests in."""
+    return {f"{key}/{name}": t for key, group in state.items() for name, t in group.items()}
+
+
+def memory_state(tensors: Tensors) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for key, value in tensors.items():
+        group, _, name = key.partition("/")
+        state.setdefault(group, {})[name] = value
+    return state
 
 
 class Pipeline:
@@ -313,39 +497,52 @@ class Pipeline:
 
     @property
     def stateful(self) -> bool:
-        """True when the sender keeps per-client memory (top-k's residual): that client's
-        tasks must then go to the same worker every time."""
+        """True when the sender keeps per-client memory (top-k's residual)."""
         return any(hasattr(c, "STATE") for c in self.codecs)
 
-    def encode(self, tensors: Tensors, reference: Tensors, state: dict | None = None) -> Tensors:
-        ctx = CodecContext(reference, state if state is not None else {})
+    def memory_spec(self, model: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+        """The memory a sender keeps for a model of this spec: one flat float32 residual per
+        float tensor for top-k, nothing otherwise."""
+        if not self.stateful:
+            return {}
+        return {f"{TopK.STATE}/{k}": TensorSpec((math.prod(v.shape),), torch.float32)
+                for k, v in model.items() if v.dtype.is_floating_point and math.prod(v.shape)}
+
+    def encode(self, tensors: Tensors, reference: Tensors, state: dict | None = None,
+               seed: int = 0) -> Tensors:
+        ctx = CodecContext(reference, state if state is not None else {}, seed)
         for i, codec in enumerate(self.codecs):
             tensors = codec.encode(tensors, ctx)
             if isinstance(codec, TopK) and i + 1 < len(self.codecs):
+                rest = self.codecs[i + 1:]
+                lossy = Pipeline([c for c in rest if not getattr(c, "lossless", False)])
                 kept = tensors
-                later = Pipeline(self.codecs[i + 1:])
-                tensors = later.encode(kept, reference)
-                codec.feed_back_rounding(kept, later.decode_parts(tensors, reference), ctx.state)
+                tensors = lossy.encode(kept, reference, seed=seed)
+                codec.feed_back_rounding(kept, lossy.decode_parts(tensors, reference), ctx.state)
+                for tail in rest[len(lossy.codecs):]:
+                    tensors = tail.encode(tensors, ctx)
                 return tensors
         return tensors
 
-    def decode_parts(self, tensors: Tensors, reference: Tensors) -> Tensors:
-        """Decode without the final cast to the reference's dtypes (parts such as top-k's
-        values have no reference tensor of their own)."""
-        ctx = CodecContext(reference)
+    def _decode(self, tensors: Tensors, reference: Tensors, limit: int) -> Tensors:
+        ctx = CodecContext(reference, limit=limit)
         for codec in reversed(self.codecs):
             tensors = codec.decode(tensors, ctx)
         return tensors
 
-    def decode(self, tensors: Tensors, reference: Tensors) -> Tensors:
+    def decode_parts(self, tensors: Tensors, reference: Tensors,
+                     limit: int = DEFAULT_MAX_FRAME) -> Tensors:
+        """Decode without the final cast to the reference's dtypes (parts such as top-k's
+        values have no reference tensor of their own)."""
+        return self._decode(tensors, reference, limit)
+
+    def decode(self, tensors: Tensors, reference: Tensors,
+               limit: int = DEFAULT_MAX_FRAME) -> Tensors:
         """Decode, then give each float tensor its reference's dtype (codecs decode to fp32)."""
         if not self.codecs:
             return tensors
-        ctx = CodecContext(reference)
-        for codec in reversed(self.codecs):
-            tensors = codec.decode(tensors, ctx)
         out = {}
-        for k, v in tensors.items():
+        for k, v in self._decode(tensors, reference, limit).items():
             ref = reference.get(k)
             if ref is not None and ref.is_floating_point() and v.is_floating_point():
                 v = v.to(ref.dtype)
@@ -358,17 +555,25 @@ def parse_pipeline(spec: str, error: type[Exception] = ConfigError,
     """'' is the identity; 'delta+…' composes. Anything not allowed raises `error`."""
     codecs, names = [], []
     where = "down_codec" if downlink else "codec"
+    stateless = downlink and not spec.strip().startswith("delta")  # else steps (broadcast)
+    parts = []
     for part in filter(None, (p.strip() for p in spec.split("+"))):
         name, _, arg = part.partition(":")
+        alias = ALIASES.get(name.strip())
+        parts.extend(alias.format(arg.strip()).split("+") if alias else [part])
+    for part in parts:
+        name, _, arg = part.partition(":")
+        name = name.strip()
         make = CODECS.get(name)
         if make is None:
-            raise error(f"unknown codec {name!r} in {spec!r}; allowed: {', '.join(sorted(CODECS))}")
-        if downlink and name not in DOWNLINK:
-            raise error(f"{where} {spec!r}: {name} is uplink-only (it needs a previous model "
-                        f"both ends share); the downlink allows {', '.join(DOWNLINK)}")
+            raise error(f"unknown codec {name!r} in {spec!r}; allowed: "
+                        f"{', '.join(sorted([*CODECS, *ALIASES]))}")
+        if stateless and name not in DOWNLINK:
+            raise error(f"{where} {spec!r}: {name} needs a previous model both ends share; a "
+                        f"whole-model downlink allows {', '.join(DOWNLINK)}, or start with "
+                        f"delta to send steps from the model a client holds")
         if names and ORDER[name] <= ORDER[names[-1]]:
-            raise error(f"{where} {spec!r}: {name} cannot follow {names[-1]}; "
-                        f"order is [delta] [topk:F] [fp16 | int8[:channel]], each once")
+            raise error(f"{where} {spec!r}: {name} cannot follow {names[-1]}; order is {GRAMMAR}")
         try:
             codecs.append(make(arg.strip()))
         except ValueError as exc:
@@ -380,16 +585,45 @@ def parse_pipeline(spec: str, error: type[Exception] = ConfigError,
     return Pipeline(codecs)
 
 
-def downlink(weights: Tensors, spec: str) -> tuple[bytes, Tensors]:
+HELD, HELD_VERSION = "held", "held_version"  # device-memory groups: the model a client holds
+MAX_STEPS = 100_000  # downlink steps one task may carry (the server keeps far fewer)
+
+
+def apply_steps(tensors: Tensors, held: Tensors, base: int, version: int, spec: str,
+                limit: int = DEFAULT_MAX_FRAME) -> Tensors:
+    """A client's model at `version`: the one it holds (at `base`) and the encoded steps
+    base+1 … version (tensors named '<v>/<name>'), decoded in order exactly as the server did,
+    so both hold the same model bit for bit."""
+    if not 0 <= version - base <= MAX_STEPS:
+        raise WireError(f"downlink steps from version {base} to {version}: at most {MAX_STEPS} "
+                        f"forward steps allowed")
+    groups: dict[int, Tensors] = {}
+    for key, t in tensors.items():
+        v, sep, name = key.partition("/")
+        if not (sep and v.isdigit() and len(v) <= 18):
+            raise WireError(f"downlink tensor {key[:60]!r} is not named '<version>/<name>'")
+        groups.setdefault(int(v), {})[name] = t
+    want = list(range(base + 1, version + 1))
+    if sorted(groups) != want:
+        raise WireError(f"downlink steps {sorted(groups)[:6]} do not lead from version {base} "
+                        f"to {version}")
+    pipeline = parse_pipeline(spec, WireError)
+    model = held
+    for v in want:
+        model = pipeline.decode(groups[v], model, limit)
+    return model
+
+
+def downlink(weights: Tensors, spec: str, seed: int = 0) -> tuple[bytes, Tensors]:
     """The global model's payload for a round and exactly what a client decodes from it.
 
     The server decodes its own payload so that the reference it decodes uplink deltas against
-    is bit-identical to the weights the clients started from.
-    """
+    is bit-identical to the weights the clients started from. `seed` drives stochastic
+    rounding (the round's, so every client of a round gets the same model)."""
     pipeline = parse_pipeline(spec, ConfigError, downlink=True)
     if not pipeline.codecs:
         return encode_tensors(weights), weights
-    payload = encode_tensors(pipeline.encode(weights, weights))
+    payload = encode_tensors(pipeline.encode(weights, weights, seed=seed))
     return payload, pipeline.decode(st_load(payload), weights)
 
 

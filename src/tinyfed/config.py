@@ -147,7 +147,11 @@ class Config(BaseModel):
                                     "auto | HOST:PORT")
     cpus_per_client: float = Field(1.0, gt=0, description="ray runtime: CPUs reserved per actor")
     codec: str = Field("", description="uplink codec pipeline, e.g. delta+topk:0.01+int8")
-    down_codec: str = Field("", description="downlink codec pipeline (fp16 | int8)")
+    down_codec: str = Field("", description="downlink codec pipeline: a whole model (fp16, "
+                            "int8, qsgd:B, +zstd) or steps from the model a client holds "
+                            "(delta+…, e.g. delta+topk:0.01+int8+zstd)")
+    down_history: int = Field(20, ge=1, le=10_000, description="model versions the server "
+                              "keeps for step downlinks (a client further behind gets the model)")
     max_frame_mb: float = Field(256.0, gt=0, description="largest frame any reader accepts, MB")
     max_weight: float = Field(1e6, gt=0, description="largest |value| an update's tensor may hold")
     norm_ratio: float = Field(
@@ -206,6 +210,10 @@ class Config(BaseModel):
                 self.krum_m > self.clients_per_round:
             raise ValueError(f"krum_m = {self.krum_m} exceeds the {self.clients_per_round} "
                              f"clients a round")
+        if self.mode != "sync" and self.down_codec.startswith("delta"):
+            raise ValueError(f"down_codec {self.down_codec!r} sends steps between rounds' models,"
+                             f" which mode {self.mode!r} does not have; use a whole-model codec "
+                             f"(fp16, int8, qsgd:B, +zstd)")
         if self.mode != "sync" and self.strategy != "fedavg":
             raise ValueError(f"strategy {self.strategy!r} is a synchronous rule; mode "
                              f"{self.mode!r} merges by async_rule (leave strategy = fedavg)")

@@ -13,20 +13,25 @@ are rebuilt from metrics.jsonl, checked and cut at the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tinyfed.attacks import attackers
+from tinyfed.broadcast import PREFIX as BROADCAST_PREFIX
+from tinyfed.broadcast import make_downlink
 from tinyfed.checkpoint import latest_checkpoint, save_checkpoint
 from tinyfed.client import TrainSettings, evaluate
 from tinyfed.compress import rebase
 from tinyfed.errors import TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.guard import NormGuard
+from tinyfed.memory import PREFIX as MEMORY_PREFIX
+from tinyfed.memory import DeviceMemory
 from tinyfed.metrics import EventBus, Record, finite_or_none, rounds_to_target
-from tinyfed.protocol import ClientResult, ClientTask, Expectation
+from tinyfed.protocol import ClientResult, ClientTask, Expectation, TaskPayloads
 from tinyfed.wire import Tensors
 
 EXTRA_PREFIX = "policy::"  # checkpoint tensors that are a policy's state, not model weights
@@ -114,6 +119,9 @@ class RunCore:
         self.checkpoint_dir = checkpoint_dir
         self.state = RunState(weights=dict(experiment.initial))
         self.guard = NormGuard(self.cfg.norm_ratio)
+        self.memory = DeviceMemory(self.cfg.codec, experiment.spec)
+        self.downlink = make_downlink(self.cfg.down_codec, self.cfg.down_history, self.cfg.seed)
+        self.payloads = TaskPayloads()
         self.eval_model = experiment.new_model()
         self.stop_reason = ""
         self.attackers = set(attackers(experiment.client_ids, self.cfg.byzantine, self.cfg.seed))
@@ -142,9 +150,23 @@ class RunCore:
         return Expectation(task, reference, self.exp.spec, self.exp.shard_size(task.client_id),
                            self.cfg.max_frame, self.cfg.max_weight)
 
+    def submit(self, runtime: Any, task: ClientTask, expect: Expectation,
+               payload: bytes | None = None, extras: Tensors | None = None) -> None:
+        """Send one task: the downlink's payload for this client (unless the policy gives its
+        own), a strategy's extra tensors, and the client's device memory."""
+        held: Tensors = {}
+        if payload is None:
+            payload, base, codec, held = self.downlink.for_client(task.client_id)
+            task = dataclasses.replace(task, down_codec=codec, base_version=base)
+        payload = self.payloads.for_client(payload, extras or {})
+        task, payload = self.memory.attach(task, payload, held)
+        expect.task, expect.memory = task, self.memory.spec
+        runtime.submit(task, payload, expect)
+
     def admit(self, result: ClientResult, seen: Tensors, exact: Tensors) -> ClientResult:
         """A validated update moved onto the exact model (when the downlink was lossy) and
-        judged by the norm guard; a refused one comes back as a failure."""
+        judged by the norm guard; a refused one comes back as a failure. An admitted one's
+        device memory becomes the client's."""
         if not result.ok:
             return result
         if seen is not exact:
@@ -154,6 +176,8 @@ class RunCore:
             return ClientResult(result.client_id, result.round, False, reason=reason,
                                 bytes_down=result.bytes_down, bytes_up=result.bytes_up,
                                 version=result.version)
+        self.memory.commit(result)
+        self.downlink.commit(result)
         return result
 
     # ---- evaluation and records ----------------------------------------------------------
@@ -192,6 +216,8 @@ class RunCore:
             "cum_bytes_down": st.cum_bytes_down,
             "cum_bytes_up": st.cum_bytes_up,
             "lr": self.settings(round_num).lr,
+            **self.memory.report(),
+            **self.downlink.report(),
         }
 
     def progress(self, round_num: int, tally: Tally, planned: int) -> None:
@@ -231,6 +257,9 @@ class RunCore:
         weights = dict(st.weights)
         for key, value in (tensors or {}).items():
             weights[f"{EXTRA_PREFIX}{key}"] = value
+        weights.update(self.memory.tensors())
+        weights.update(self.downlink.tensors())
+        st.extra["downlink"] = self.downlink.state_dict()
         try:
             save_checkpoint(self.checkpoint_dir, st.round, weights, st.to_json(),
                             keep=self.cfg.keep_checkpoints)
@@ -250,11 +279,15 @@ class RunCore:
         """Restore a checkpoint's state; returns it and the policy's extra tensors."""
         tensors = {k.removeprefix(EXTRA_PREFIX): v for k, v in weights.items()
                    if k.startswith(EXTRA_PREFIX)}
-        model = {k: v for k, v in weights.items() if not k.startswith(EXTRA_PREFIX)}
+        self.memory.load({k: v for k, v in weights.items() if k.startswith(MEMORY_PREFIX)})
+        model = {k: v for k, v in weights.items()
+                 if not k.startswith((EXTRA_PREFIX, MEMORY_PREFIX, BROADCAST_PREFIX))}
         state = RunState.from_json(model, data)
         state.records = [r for r in records if r.get("kind", "round") == "round"]
         self.state = state
         self.guard.load_state_dict(state.extra.get("guard", {}))
+        self.downlink.load(state.extra.get("downlink", {}), {
+            k: v for k, v in weights.items() if k.startswith(BROADCAST_PREFIX)})
         return state, tensors
 
     def target_reached(self) -> bool:

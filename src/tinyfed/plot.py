@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from tinyfed.metrics import Record  # noqa: E402
 
@@ -19,8 +19,11 @@ def _series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: dict[str, list[Record]], out: str | Path) -> Path:
-    """One figure, three panels; several runs overlay for comparison."""
+def plot_runs(runs: dict[str, list[Record]], out: str | Path,
+              fp32_task_bytes: dict[str, int] | None = None) -> Path:
+    """One figure, three panels; several runs overlay for comparison. With `fp32_task_bytes`
+    (a compressed run's model payload), the traffic panel also draws the same rounds at fp32
+    (that payload down and up for every task), the run's uncompressed baseline."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_acc, ax_loss, ax_bytes = axes
     for label, records in runs.items():
@@ -34,6 +37,20 @@ def plot_runs(runs: dict[str, list[Record]], out: str | Path) -> Path:
                for r in records if r.get("kind", "round") == "round"
                and r.get("test_accuracy") is not None]
         ax_bytes.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        w = (fp32_task_bytes or {}).get(label)
+        if w:
+            tasks, base = 0, []
+            for r in records:
+                if r.get("kind", "round") != "round":
+                    continue
+                tasks += r.get("clients_selected", 0)
+                if r.get("test_accuracy") is not None:
+                    base.append((2 * w * tasks / 1e6, 100 * r["test_accuracy"]))
+            ax_bytes.plot([p[0] for p in base], [p[1] for p in base], ls="--", color="grey",
+                          label=f"{label}: same rounds at fp32")
+            ax_bytes.set_xscale("log")
+            ax_bytes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax_bytes.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax_acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy (%)")
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
     ax_bytes.set(title="Accuracy against traffic", xlabel="cumulative bytes, down + up (MB)",

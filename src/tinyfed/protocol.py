@@ -17,7 +17,14 @@ from tinyfed import wire
 from tinyfed.algorithms import client_algorithm
 from tinyfed.attacks import attack_of
 from tinyfed.client import Shard, TrainSettings, train
-from tinyfed.compress import parse_pipeline
+from tinyfed.compress import (
+    HELD,
+    HELD_VERSION,
+    apply_steps,
+    memory_state,
+    memory_tensors,
+    parse_pipeline,
+)
 from tinyfed.errors import WireError
 from tinyfed.faults import injected
 from tinyfed.models import build_model, state_of
@@ -99,6 +106,8 @@ class ClientTask:
     algorithm: str = ""  # client algorithm (tinyfed.algorithms.CLIENT_ALGORITHMS); '' = plain
     params: dict[str, float] = field(default_factory=dict, hash=False)
     attack: str = ""  # a simulated Byzantine client's attack (tinyfed.attacks.ATTACKS)
+    memory_bytes: int = 0  # size of the device-memory section at the payload's end (wire)
+    base_version: int = -1  # the payload holds steps from this version (-1: a whole model)
 
     def header(self) -> dict[str, Any]:
         h = {
@@ -111,9 +120,11 @@ class ClientTask:
             "down_codec": self.down_codec,
         }
         # only when set, so a plain FedAvg task's frame (and its byte count) is what it was
-        for key in ("algorithm", "params", "attack"):
+        for key in ("algorithm", "params", "attack", wire.MEMORY_FIELD):
             if getattr(self, key):
                 h[key] = getattr(self, key)
+        if self.base_version >= 0:
+            h["base_version"] = self.base_version
         return h
 
     @classmethod
@@ -130,6 +141,10 @@ class ClientTask:
                 algorithm=bounded_name(h, "algorithm"),
                 params=check_params(h.get("params", {})),
                 attack=bounded_name(h, "attack"),
+                memory_bytes=wire.header_int(h, wire.MEMORY_FIELD, 0, 2**62)
+                if wire.MEMORY_FIELD in h else 0,
+                base_version=wire.header_int(h, "base_version", 0, 2**62)
+                if "base_version" in h else -1,
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"task header is malformed: {exc}") from None
@@ -150,6 +165,7 @@ class ClientResult:
     bytes_up: int = 0
     version: int = 0
     extras: Tensors = field(default_factory=dict)  # what the client algorithm sent back
+    memory: Tensors = field(default_factory=dict)  # the device's memory after this task
 
     @classmethod
     def failure(cls, task: ClientTask, reason: str, bytes_down: int = 0, bytes_up: int = 0):
@@ -175,8 +191,9 @@ ShardSource = Callable[[int], Shard]
 class ClientWorker:
     """Client side of a task: load global weights, train, encode the update as a frame.
 
-    Holds one model (reused across tasks) and each client's codec state (error feedback),
-    so the same object serves one client id or many in turn.
+    Holds one model (reused across tasks) and nothing of any client's: a client's own memory
+    (its error-feedback residual) comes with its task and goes back with its update, so the
+    same object serves one client id or many, and a respawned worker loses nothing.
     """
 
     def __init__(
@@ -192,7 +209,6 @@ class ClientWorker:
         self.spec = wire.spec_of(state_of(self.model))
         self.shards = shards
         self.max_frame = max_frame
-        self.codec_state: dict[int, dict] = {}
         self._shard_cache: dict[int, Shard] = {}
 
     def shard(self, client_id: int) -> Shard:
@@ -213,7 +229,7 @@ class ClientWorker:
         if fault is not None:
             return fault
         try:
-            return self.run(task, msg.tensors)
+            return self.run(task, msg.tensors, msg.memory)
         except Exception as exc:  # a client's crash is its round's failure, not the server's
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return wire.encode_frame(
@@ -225,12 +241,23 @@ class ClientWorker:
                 },
             )
 
-    def run(self, task: ClientTask, payload: Tensors) -> bytes:
+    def run(self, task: ClientTask, payload: Tensors, memory: Tensors | None = None) -> bytes:
         algorithm = client_algorithm(task.algorithm)
         attack = attack_of(task.attack)
         payload, extras = split_extras(payload)
-        down = parse_pipeline(task.down_codec, WireError, downlink=True)
-        global_weights = down.decode(payload, self.model.state_dict())
+        state = memory_state(memory or {})
+        held, held_version = state.pop(HELD, None), state.pop(HELD_VERSION, {}).get("v")
+        if task.base_version >= 0:
+            if held is None or held_version is None or held_version.tolist() != [
+                    task.base_version]:
+                raise WireError(f"the task's steps start at model version {task.base_version}; "
+                                f"this device holds "
+                                f"{'none' if held_version is None else held_version.tolist()}")
+            global_weights = apply_steps(payload, held, task.base_version, task.version,
+                                         task.down_codec, self.max_frame)
+        else:
+            down = parse_pipeline(task.down_codec, WireError, downlink=True)
+            global_weights = down.decode(payload, self.model.state_dict(), self.max_frame)
         wire.validate_tensors(global_weights, self.spec, "global model")
         self.model.load_state_dict(global_weights)
         shard = self.shard(task.client_id)
@@ -243,8 +270,10 @@ class ClientWorker:
         if attack is not None:
             local = attack.forge(local, global_weights, task.seed,
                                  task.params.get("attack_scale", 1.0))
-        state = self.codec_state.setdefault(task.client_id, {})
-        encoded = parse_pipeline(task.codec, WireError).encode(local, global_weights, state)
+        encoded = parse_pipeline(task.codec, WireError).encode(local, global_weights, state,
+                                                               seed=task.seed)
+        body, memory_bytes = wire.join_memory(
+            wire.encode_tensors(with_extras(encoded, extras_out)), memory_tensors(state))
         header = {
             "client_id": task.client_id,
             "round": task.round,
@@ -254,8 +283,9 @@ class ClientWorker:
             # wall-clock time stays local: it would make frame sizes differ run to run
             "metrics": {k: v for k, v in metrics.items() if k != "train_seconds"},
         }
-        return wire.encode_frame(Kind.UPDATE, header,
-                                 wire.encode_tensors(with_extras(encoded, extras_out)))
+        if memory_bytes:
+            header[wire.MEMORY_FIELD] = memory_bytes
+        return wire.encode_frame(Kind.UPDATE, header, body)
 
 
 @dataclass
@@ -269,6 +299,7 @@ class Expectation:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_abs: float = wire.DEFAULT_MAX_ABS  # largest |value| a decoded float tensor may hold
     extras: dict[str, TensorSpec] = field(default_factory=dict)  # what the algorithm returns
+    memory: dict[str, TensorSpec] = field(default_factory=dict)  # the device memory returned
 
 
 # Metrics a client reports, with the range each must fall in; any other name is refused.
@@ -343,11 +374,13 @@ def _check_update(frame: bytes, exp: Expectation) -> ClientResult:
     # e.g. a SCAFFOLD result without its variate: refused, never merged
     wire.validate_tensors(extras, exp.extras, f"{exp.task.algorithm or 'update'} extras",
                           max_abs=exp.max_abs)
-    decoded = parse_pipeline(codec, WireError).decode(tensors, exp.reference)
+    # an error-feedback residual of the wrong shape would poison this client's next tasks
+    wire.validate_tensors(msg.memory, exp.memory, "device memory", max_abs=exp.max_abs)
+    decoded = parse_pipeline(codec, WireError).decode(tensors, exp.reference, exp.max_frame)
     wire.validate_tensors(decoded, exp.spec, max_abs=exp.max_abs)
     return ClientResult(
-        cid, rnd, True, decoded, n, metrics, bytes_up=len(frame), version=exp.task.version,
-        extras=extras,
+        cid, rnd, True, decoded, n, metrics, bytes_up=msg.radio_bytes, version=exp.task.version,
+        extras=extras, memory=msg.memory,
     )
 
 

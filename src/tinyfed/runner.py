@@ -132,11 +132,13 @@ def execute(
     finally:
         runtime.close()
     save_weights(run_dir.model, server.state.weights)
-    write_plot(run_dir, server.state.records)
+    codecs = config.codec or config.down_codec  # then the plot shows the fp32 baseline too
+    write_plot(run_dir, server.state.records,
+               len(encode_tensors(experiment.initial)) if codecs else 0)
     return RunResult(run_dir, server.state, experiment, server.stop_reason)
 
 
-def write_plot(run_dir: RunDir, records: list[Record]) -> bool:
+def write_plot(run_dir: RunDir, records: list[Record], fp32_task_bytes: int = 0) -> bool:
     """result.png, unless this install has no plotting extra (a device's core install)."""
     try:
         from tinyfed.plot import plot_runs
@@ -144,8 +146,24 @@ def write_plot(run_dir: RunDir, records: list[Record]) -> bool:
         if missing_extra(exc) != "plot":
             raise
         return False
-    plot_runs({run_dir.path.name: records}, run_dir.plot)
+    plot_runs({run_dir.path.name: records}, run_dir.plot,
+              {run_dir.path.name: fp32_task_bytes} if fp32_task_bytes else None)
     return True
+
+
+def codec_lines(cfg: Config, records: list[Record], w: int, down: float, up: float) -> list[str]:
+    """Each direction's codec and what it saved a task against the fp32 model payload."""
+    lines = []
+    for label, spec, mean in (("codec up        ", cfg.codec, up),
+                              ("codec down      ", cfg.down_codec, down)):
+        if spec:
+            lines.append(f"{label} {spec}: {human_bytes(mean)} a task against "
+                         f"{human_bytes(w)} at fp32, ×{w / max(mean, 1):.1f} less")
+    if cfg.down_codec.startswith("delta"):
+        steps = sum(r.get("down_steps", 0) for r in records)
+        full = sum(r.get("down_full", 0) for r in records)
+        lines[-1] += f" ({steps} tasks got steps, {full} the whole model)"
+    return lines
 
 
 def summary(result: RunResult) -> str:
@@ -189,6 +207,7 @@ def summary(result: RunResult) -> str:
         f"up {human_bytes(st.cum_bytes_up / tasks)} ({tasks} client tasks)",
         f"traffic estimate W·C·R = {human_bytes(w)} × {cfg.clients_per_round} × {rounds} = "
         f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total (fp32, no codec)",
+        *codec_lines(cfg, records, w, st.cum_bytes_down / tasks, st.cum_bytes_up / tasks),
         f"wall time        {st.elapsed:.1f} s in rounds",
         f"outputs          {result.run_dir.metrics.name}, "
         + (f"{result.run_dir.plot.name}, " if result.run_dir.plot.exists()

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tinyfed.client import task_seed
-from tinyfed.compress import downlink
 from tinyfed.core import RoundFailed, RunCore, RunState, Tally
 from tinyfed.experiment import Experiment
 from tinyfed.metrics import EventBus, Record
-from tinyfed.protocol import ClientResult, ClientTask, TaskPayloads
+from tinyfed.protocol import ClientResult, ClientTask
 from tinyfed.runtimes.base import Runtime
 from tinyfed.strategies import Strategy, select_clients
 
@@ -58,7 +57,6 @@ class Server:
         self.exp, self.cfg = experiment, experiment.config
         self.runtime = runtime
         self.strategy = strategy
-        self.payloads = TaskPayloads()
 
     @property
     def state(self) -> RunState:
@@ -90,7 +88,7 @@ class Server:
         weights = core.state.weights
         selected = select_clients(self.exp.client_ids, cfg.clients_per_round, cfg.seed,
                                   round_num)
-        payload, seen = downlink(weights, cfg.down_codec)  # `seen`: what clients decode
+        seen = core.downlink.prepare(round_num - 1, weights)  # what clients will hold
         told = {cid: self.strategy.configure(round_num, cid, weights) for cid in selected}
         agg = self.strategy.begin_round(weights, round_num)
         feed = OrderedFeed(selected, agg.add, cfg.deterministic)
@@ -101,12 +99,11 @@ class Server:
                 attack, attack_params = core.hostile(cid)
                 task = ClientTask(cid, round_num, task_seed(cfg.seed, round_num, cid),
                                   core.settings(round_num), cfg.codec, version=round_num - 1,
-                                  down_codec=cfg.down_codec, algorithm=told[cid].algorithm,
+                                  algorithm=told[cid].algorithm,
                                   params={**told[cid].params, **attack_params}, attack=attack)
                 expect = core.expectation(task, seen)
                 expect.extras = told[cid].returns
-                self.runtime.submit(task, self.payloads.for_client(payload, told[cid].tensors),
-                                    expect)
+                core.submit(self.runtime, task, expect, extras=told[cid].tensors)
             failed = []
             core.progress(round_num, tally, len(selected))
             for result in self.runtime.results(cfg.round_timeout):

@@ -65,6 +65,27 @@ class Message:
     header: dict[str, Any]
     tensors: Tensors = field(default_factory=dict)
     size: int = 0  # bytes of the whole frame as received
+    memory: Tensors = field(default_factory=dict)  # the simulated device's memory section
+    memory_bytes: int = 0  # its size: part of `size`, not of the radio traffic
+
+    @property
+    def radio_bytes(self) -> int:
+        """What a real link would carry: the frame without the device-memory section."""
+        return self.size - self.memory_bytes
+
+
+MEMORY_FIELD = "memory_bytes"  # header field: the payload's last N bytes are device memory
+
+
+def join_memory(payload: bytes, memory: Tensors) -> tuple[bytes, int]:
+    """A payload followed by a device-memory section (its own safetensors blob), and the
+    section's size for the header's `memory_bytes`. A simulated device keeps its memory (error
+    feedback residuals) between tasks; workers that serve many clients get it with each task
+    and hand it back, so the link's byte count leaves it out."""
+    if not memory:
+        return payload, 0
+    section = encode_tensors(memory)
+    return payload + section, len(section)
 
 
 def encode_tensors(tensors: Tensors) -> bytes:
@@ -256,13 +277,23 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     if crc32(head, crc32(payload)) != crc:
         raise WireError("frame checksum mismatch: the message was corrupted in transit")
     header = decode_header(head)
-    tensors: Tensors = {}
-    if payload:
-        try:
-            tensors = st_load(payload)
-        except Exception as exc:  # safetensors raises its own error types
-            raise WireError(f"frame payload is not valid safetensors: {exc}") from None
-    return Message(Kind(kind), header, tensors, total)
+    cut = header.get(MEMORY_FIELD, 0)
+    if not isinstance(cut, int) or isinstance(cut, bool) or not 0 <= cut <= len(payload):
+        raise WireError(f"header field {MEMORY_FIELD!r} = {str(cut)[:20]}; an integer in "
+                        f"[0, {len(payload)}] (the payload's size) required")
+    split = len(payload) - cut
+    tensors, memory = _safetensors(payload[:split], "payload"), _safetensors(
+        payload[split:], "device-memory section")
+    return Message(Kind(kind), header, tensors, total, memory, cut)
+
+
+def _safetensors(blob: bytes, what: str) -> Tensors:
+    if not blob:
+        return {}
+    try:
+        return st_load(blob)
+    except Exception as exc:  # safetensors raises its own error types
+        raise WireError(f"frame {what} is not valid safetensors: {exc}") from None
 
 
 def decode_tensors(payload: bytes) -> Tensors:

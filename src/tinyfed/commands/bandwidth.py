@@ -14,7 +14,7 @@ from tinyfed.commands.experiment_flags import add_config_flag
 from tinyfed.errors import ConfigError
 
 # The config keys this command reads (flags and help come from the config model).
-KEYS = ("dataset", "model", "clients", "fraction", "rounds", "codec", "down_codec",
+KEYS = ("dataset", "model", "clients", "fraction", "rounds", "codec", "down_codec", "down_history",
         "batch_size", "optimizer", "momentum", "seed")
 
 
@@ -123,8 +123,8 @@ def render(out: dict) -> None:
     w = t["wcr_bytes_each_way"]
     tab.add_row("estimate W·C·R (fp32 payload)", _b(w), _b(w), _b(2 * w))
     con.print(tab)
-    con.print("frames measured by encoding a real update (initial model + seeded random delta); "
-              "top-k/int8/fp16 sizes do not depend on the values")
+    con.print(f"frames {t['codec_size_source']}; top-k/int8/fp16/qsgd sizes do not depend on the "
+              "values, zstd's do (a trained update compresses differently)")
 
     tab = Table(title="airtime per round, one device (payload bits / nominal rate, "
                       "no packet overhead)")

@@ -86,8 +86,9 @@ class Dispatcher:
             return ClientResult.failure(
                 job.task, f"late: the result came {got.arrived - job.due:.2f} s after the "
                 f"deadline (round_timeout={self.round_timeout:g} s); dropped",
-                bytes_down=got.result.bytes_down, bytes_up=got.result.bytes_up)
+                bytes_down=radio(got.result.bytes_down, job), bytes_up=got.result.bytes_up)
         self.answered.discard(job.id)
+        got.result.bytes_down = radio(got.result.bytes_down, job)
         return got.result
 
     def expire(self, until: float) -> list[ClientResult]:
@@ -110,13 +111,19 @@ class Dispatcher:
             what = "no result" if stopped.started else "not started"
             failed.append(ClientResult.failure(
                 job.task, f"deadline: {what} within round_timeout={self.round_timeout:g} s "
-                f"({stopped.how})", bytes_down=stopped.bytes_down))
+                f"({stopped.how})", bytes_down=radio(stopped.bytes_down, job)))
         return failed
 
     def close(self) -> None:
         self.jobs.clear()
         self.answered.clear()
         self.transport.close()
+
+
+def radio(sent: int, job: Job) -> int:
+    """Bytes a transport sent for a job, less its device-memory section (a simulated device's
+    own memory rides with the task but would never cross a real link)."""
+    return max(0, sent - job.task.memory_bytes)
 
 
 def as_runtime(obj: Any, round_timeout: float) -> Any:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import tinyfed
 from tinyfed import protocol, wire
-from tinyfed.compress import parse_pipeline
 from tinyfed.config import Config
 from tinyfed.data.shared import SharedExamples
 from tinyfed.errors import TinyfedError, WireError
@@ -44,11 +43,6 @@ def worker_count(config: Config) -> int:
     """`workers` if given, else one per CPU core; never more than there are clients."""
     wanted = config.workers or os.cpu_count() or 1
     return max(1, min(wanted, config.clients))
-
-
-def stateless(codec: str) -> bool:
-    """True when any child may serve any client (no per-client codec memory to keep)."""
-    return not parse_pipeline(codec).stateful
 
 
 def describe_exit(code: int | None) -> str:
@@ -163,10 +157,8 @@ class ProcessRuntime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers = worker_count(config)
-        self.shared = stateless(config.codec)
-        shared_q: queue.Queue = queue.Queue()
-        self.slots = [Slot(i, shared_q if self.shared else queue.Queue())
-                      for i in range(self.workers)]
+        shared_q: queue.Queue = queue.Queue()  # any child serves any client (memory rides
+        self.slots = [Slot(i, shared_q) for i in range(self.workers)]  # with the task)
         self.done: queue.Queue[Delivery] = queue.Queue()
         self.live: set[int] = set()  # ids of jobs sent and not cancelled
         self.lock = threading.Lock()
@@ -194,7 +186,7 @@ class ProcessRuntime:
         frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
         with self.lock:
             self.live.add(job.id)
-        self.slots[job.task.client_id % self.workers].jobs.put((job, frame))
+        self.slots[0].jobs.put((job, frame))  # the one queue every child takes from
 
     def receive(self, timeout: float) -> Delivery | None:
         try:
@@ -253,7 +245,7 @@ class ProcessRuntime:
     def _hello_for(self, num: int) -> bytes:
         """The config (the child rebuilds data and shards from it) and the ids it serves."""
         cfg = self.config
-        ids = [c for c in range(cfg.clients) if self.shared or c % self.workers == num]
+        ids = list(range(cfg.clients))
         header = {"config": cfg.model_dump(), "child": num, "clients": ids,
                   "workers": self.workers, "threads": max(1, (os.cpu_count() or 1) // self.workers)}
         if self.examples is not None:
@@ -280,7 +272,7 @@ class ProcessRuntime:
                     live = job.id in self.live
                 if not live:
                     continue
-                if slot.down and self.shared and self._others_up(slot):
+                if slot.down and self._others_up(slot):
                     slot.jobs.put(item)  # leave it to a working child
                     return
                 result, lost = self._run(slot, job, frame)

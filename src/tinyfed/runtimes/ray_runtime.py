@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinyfed import protocol, wire
-from tinyfed.compress import parse_pipeline
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask
@@ -128,7 +127,6 @@ class RayRuntime:
         self.idle: deque[int] = deque()
         self.queue: deque[_Job] = deque()
         self.running: dict[Any, _Job] = {}
-        self.sticky = False
         self._payload: bytes | None = None
         self._payload_digest = b""
         self._payload_ref = None
@@ -191,7 +189,6 @@ class RayRuntime:
         self.connect()
         self.actor_cls = self.ray.remote(ClientActor)
         n = self.pool_size()
-        self.sticky = parse_pipeline(self.config.codec).stateful
         self.actors = [self.spawn() for _ in range(n)]
         self.idle = deque(range(n))
         self.wait_ready(max(self.config.round_timeout, STARTUP_TIMEOUT))
@@ -248,20 +245,11 @@ class RayRuntime:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand queued tasks to idle actors (a client's home actor when its codec keeps state)."""
-        n = len(self.actors)
-        for job in list(self.queue):
-            if not self.idle:
-                return
-            if self.sticky:
-                home = job.task.client_id % n
-                if home not in self.idle:
-                    continue
-                self.idle.remove(home)
-                job.slot = home
-            else:
-                job.slot = self.idle.popleft()
-            self.queue.remove(job)
+        """Hand queued tasks to idle actors, any actor to any client (a client's memory rides
+        with its task)."""
+        while self.queue and self.idle:
+            job = self.queue.popleft()
+            job.slot = self.idle.popleft()
             ref = self.actors[job.slot].run.remote(job.header_json, job.payload_ref)
             self.running[ref] = job
 
