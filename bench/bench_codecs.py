@@ -21,7 +21,7 @@ from tinyfed.wire import encode_tensors
 SPECS = ["", "delta", "fp16", "int8", "int8:channel", "int8+zstd", "qsgd:8", "delta+topk:0.01",
          "delta+topk:0.01+int8", "delta+topk:0.01+int8+zstd", "delta+stc:0.01",
          "delta+stc:0.01+zstd", "delta+qsgd:2", "delta+qsgd:3+zstd", "delta+qsgd:4",
-         "delta+qsgd:4+zstd", "delta+qsgd:8+zstd", "delta+topk:0.01+qsgd:4+zstd"]
+         "delta+qsgd:4+zstd", "delta+qsgd:8+zstd", "delta+topk:0.01+qsgd:5+zstd"]
 
 
 def best_of(fn, repeats: int) -> float:

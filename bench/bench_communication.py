@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from tinyfed.api import run
+from tinyfed.errors import TinyfedError
 
 # (uplink, downlink); the first is the baseline
 PAIRS = [
@@ -30,7 +31,7 @@ PAIRS = [
     ("delta+stc:0.01+zstd", "delta+stc:0.01+zstd"),
     ("delta+stc:0.01+zstd", "delta+stc:0.005+zstd"),
     ("delta+stc:0.005+zstd", "delta+stc:0.005+zstd"),
-    ("delta+topk:0.02+qsgd:4+zstd", "delta+topk:0.02+qsgd:4+zstd"),
+    ("delta+topk:0.02+qsgd:5+zstd", "delta+topk:0.02+qsgd:5+zstd"),
 ]
 
 
@@ -82,8 +83,12 @@ def main() -> None:
                   f"{'final %':>7} {'× less':>7}")
             for up, down in pairs:
                 t0 = time.monotonic()
-                recs = base if (up, down) == PAIRS[0] else one_run(
-                    Path(tmp), partition, up, down, args.max_rounds, target, args)
+                try:
+                    recs = base if (up, down) == PAIRS[0] else one_run(
+                        Path(tmp), partition, up, down, args.max_rounds, target, args)
+                except TinyfedError as exc:  # e.g. a pair that diverges: say so, go on
+                    print(f"{up or 'fp32':30} {down or 'fp32':28} failed: {exc}")
+                    continue
                 curves[partition][f"{up or 'fp32'} / {down or 'fp32'}"] = recs
                 at = first_at(recs, target)
                 last = recs[-1]

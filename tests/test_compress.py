@@ -173,19 +173,29 @@ def test_spec_rules():
     for bad, msg in [("bogus", "unknown codec"), ("topk:0.1", "needs delta"),
                      ("int8+delta", "cannot follow"), ("delta+fp16+int8", "cannot follow"),
                      ("delta+delta", "cannot follow"), ("delta+topk:0", r"\(0, 1\]"),
-                     ("delta+topk:x", r"\(0, 1\]"), ("int8:row", "channel"), ("fp16:3", "no arg")]:
+                     ("delta+topk:x", r"\(0, 1\]"), ("int8:row", "channel"), ("fp16:3", "no arg"),
+                     ("delta+qsgd:1", "2-8"), ("delta+qsgd:9", "2-8"), ("delta+qsgd:x", "2-8"),
+                     ("delta+stc:2", r"\(0, 1\]"), ("delta+zstd+int8", "cannot follow"),
+                     ("delta+qsgd:4+int8", "cannot follow"), ("stc:0.1", "needs delta"),
+                     ("delta+topk:0.1+qsgd:4", "variance is 1.59")]:
         with pytest.raises(ConfigError, match=msg):
             parse_pipeline(bad)
-    for bad in ("delta", "delta+int8", "delta+topk:0.1"):
-        with pytest.raises(ConfigError, match="uplink-only"):
+    assert parse_pipeline("delta+stc:0.05+zstd").spec == "delta+topk:0.05+ternary+zstd"
+    for bad in ("topk:0.1", "int8+ternary", "ternary"):  # a whole model cannot be sparsified
+        with pytest.raises(ConfigError, match="start with delta"):
             parse_pipeline(bad, downlink=True)
+    with pytest.raises(ConfigError, match="qsgd:5 or more"):
+        parse_pipeline("delta+qsgd:4", downlink=True)  # steps feed their error back too
+    for good in ("delta", "delta+topk:0.1+int8+zstd", "qsgd:4+zstd", "int8:channel+zstd",
+                 "delta+qsgd:5"):
+        assert parse_pipeline(good, downlink=True).spec == good
 
 
 def test_config_rejects_bad_codecs_early():
     with pytest.raises(ConfigError, match="'codec' = 'bogus'"):
         small_config(codec="bogus")
     with pytest.raises(ConfigError, match="down_codec"):
-        small_config(down_codec="delta")
+        small_config(down_codec="ternary")
     assert small_config(codec="delta + int8", down_codec="fp16").codec == "delta+int8"
 
 
@@ -237,6 +247,28 @@ BAD = [
     ("int8", dict(extra=torch.zeros(3)), "not encoded"),
     ("fp16", dict(w=torch.zeros(4, 5)), "expected float16"),
     ("fp16", dict(w=torch.full((4, 5), float("inf"), dtype=torch.float16)), "non-finite"),
+    ("delta+topk:0.25", dict(w__idx=torch.tensor([0, 2, 1, 3, 4], dtype=torch.int32)),
+     "unsorted"),
+    # QSGD: the shape, the norms and the packed levels must agree with each other and the model
+    ("delta+qsgd:4", dict(w__shape=torch.tensor([4, 6])), "more elements"),
+    ("delta+qsgd:4", dict(w__shape=torch.tensor([10**12])), "more elements"),
+    ("delta+qsgd:4", dict(w__shape=torch.tensor([-4, -5])), "negative"),
+    ("delta+qsgd:4", dict(w__shape=torch.tensor([4.0, 5.0])), "int64"),
+    ("delta+qsgd:4", dict(w__bits=torch.zeros(9, dtype=torch.uint8)), "packed bytes"),
+    ("delta+qsgd:4", dict(w__bits=torch.zeros(10, dtype=torch.int8)), "uint8"),
+    ("delta+qsgd:4", dict(w__norm=torch.tensor([float("nan")])), "non-finite"),
+    ("delta+qsgd:4", dict(w__norm=torch.tensor([-1.0])), "negative"),
+    ("delta+qsgd:4", dict(w__norm=torch.tensor([1.0, 1.0])), "1 float32"),
+    ("delta+qsgd:4", dict(w__bits=torch.full((10,), 255, dtype=torch.uint8)), "beyond ±7"),
+    ("delta+qsgd:4", dict(w__norm=None), "missing"),
+    ("delta+qsgd:4", dict(x__bits=torch.zeros(1, dtype=torch.uint8), x__norm=torch.zeros(1),
+                          x__shape=torch.tensor([1])), "unknown tensor"),
+    ("delta+stc:0.25", dict(w__val__mu=torch.tensor([float("inf")])), "finite"),
+    ("delta+stc:0.25", dict(w__val__mu=torch.tensor([-0.5])), "≥ 0"),
+    ("delta+stc:0.25", dict(w__val__sign=torch.zeros(3, dtype=torch.uint8)), "packed bytes"),
+    ("delta+stc:0.25", dict(w__val__shape=torch.tensor([6])), "expected 5"),
+    ("delta+int8+zstd", dict(w=torch.zeros(4, 5)), "expected one"),
+    ("delta+int8+zstd", {"__zstd": torch.tensor([1, 2, 3], dtype=torch.uint8)}, "not a zstd"),
 ]
 
 
@@ -312,7 +344,7 @@ def test_downlink_reference_is_what_the_client_decodes():
     assert all(torch.allclose(moved[k], weights[k] + (got[k] - seen[k])) for k in got)
 
 
-def test_worker_rejects_a_downlink_delta_in_the_task():
+def test_worker_rejects_downlink_steps_without_a_base_version():
     from tinyfed.experiment import Experiment
     from tinyfed.protocol import ClientWorker, task_frame
 
@@ -321,7 +353,7 @@ def test_worker_rejects_a_downlink_delta_in_the_task():
     worker = ClientWorker(cfg.model, exp.dataset.input_shape, 10, exp.shard)
     task = ClientTask(0, 1, 5, small_settings(), "", down_codec="delta")
     reply = wire.decode_frame(worker.handle(task_frame(task, wire.encode_tensors(exp.initial))))
-    assert reply.kind == Kind.FAILURE and "uplink-only" in reply.header["reason"]
+    assert reply.kind == Kind.FAILURE and "no base_version" in reply.header["reason"]
 
 
 # -- whole runs ---------------------------------------------------------------------------------

@@ -139,9 +139,9 @@ def same(a, b) -> bool:
 
 
 UP = ["", "fp16", "int8:channel", "int8+zstd", "qsgd:8", "delta+int8", "delta+qsgd:4+zstd",
-      "delta+topk:0.2", "delta+topk:0.2+int8+zstd", "delta+stc:0.2", "delta+topk:0.1+qsgd:4"]
+      "delta+topk:0.2", "delta+topk:0.2+int8+zstd", "delta+stc:0.2", "delta+topk:0.1+qsgd:5"]
 DOWN = ["fp16", "int8+zstd", "qsgd:6", "delta+topk:0.2+int8+zstd", "delta+stc:0.1",
-        "delta+qsgd:4"]
+        "delta+qsgd:6"]
 PAIRS = [(up, "") for up in UP] + [("delta+topk:0.2+int8", down) for down in DOWN]
 
 

@@ -65,6 +65,7 @@ class AsyncServer:
     def __init__(self, experiment: Experiment, runtime: Runtime, rule: AsyncRule,
                  bus: EventBus, checkpoint_dir: Path | None = None):
         self.core = RunCore(experiment, bus, checkpoint_dir)
+        self.core.watch(runtime)
         self.exp, self.cfg = experiment, experiment.config
         self.runtime = runtime
         self.rule = rule

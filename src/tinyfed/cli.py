@@ -12,7 +12,8 @@ import sys
 from tinyfed import __version__
 from tinyfed.errors import TinyfedError
 
-COMMANDS = ("run", "serve", "client", "tokens", "eval", "plot", "bandwidth", "dashboard")
+COMMANDS = ("run", "serve", "client", "tokens", "eval", "plot", "bandwidth", "fleet",
+            "dashboard")
 
 
 class Parser(argparse.ArgumentParser):

@@ -281,15 +281,19 @@ class TopK:
         return out
 
 
-def _shape(part: torch.Tensor, codec: str, base: str, limit: int) -> tuple[int, ...]:
-    """A `name::shape` part: a 1-D int64 tensor of at most 8 non-negative dims whose product
-    stays within `limit` (so a decoder never allocates more than a frame could hold)."""
+def _shape(part: torch.Tensor, codec: str, base: str, ctx: CodecContext) -> tuple[int, ...]:
+    """A `name::shape` part: a 1-D int64 tensor of at most 8 non-negative dims, for a tensor
+    of the reference's (``name``, or a part of it such as top-k's ``name::val``) with no more
+    elements than that reference tensor, so a decoder never allocates more than the model."""
     if part.dtype != torch.int64 or part.dim() != 1 or part.numel() > 8:
         raise WireError(f"{codec} codec: {base}::shape must be a 1-D int64 tensor of ≤ 8 dims")
     dims = tuple(int(d) for d in part.tolist())
-    if any(d < 0 for d in dims) or math.prod(dims) > limit:
-        raise WireError(f"{codec} codec: {base}::shape {dims} is negative or has more than "
-                        f"{limit} elements")
+    ref = ctx.reference.get(base.split(SEP)[0])
+    if ref is None:
+        raise WireError(f"{codec} codec: unknown tensor {base!r}")
+    if any(d < 0 for d in dims) or math.prod(dims) > ref.numel():
+        raise WireError(f"{codec} codec: {base}::shape {dims} is negative or has more elements "
+                        f"than the model's {base.split(SEP)[0]!r} ({ref.numel()})")
     return dims
 
 
@@ -341,7 +345,7 @@ class Qsgd:
         out = dict(plain)
         s = self.levels
         for base, p in groups.items():
-            dims = _shape(p["shape"], "qsgd", base, ctx.limit)
+            dims = _shape(p["shape"], "qsgd", base, ctx)
             n = math.prod(dims)
             norm = p["norm"]
             buckets = -(-n // self.BUCKET)
@@ -383,7 +387,7 @@ class Ternary:
         _reject_plain_floats(plain, "ternary")
         out = dict(plain)
         for base, p in groups.items():
-            dims = _shape(p["shape"], "ternary", base, ctx.limit)
+            dims = _shape(p["shape"], "ternary", base, ctx)
             mu = p["mu"]
             if mu.dtype != torch.float32 or mu.shape != (1,) or not math.isfinite(float(mu)) \
                     or float(mu) < 0:
@@ -396,7 +400,10 @@ class Ternary:
 class Zstd:
     """Lossless entropy coding of everything before it (indices, low-bit values, scales) with
     Zstandard: the whole encoded set as one compressed safetensors block, ``::zstd``. The
-    block must declare its size, which may not pass the frame limit."""
+    block must declare its size, which may not pass the frame limit. Top-k's ascending indices
+    go in as gaps (a delta filter, as xz has): small numbers that compress to about a byte
+    each, where absolute positions take three; decoding sums them back (top-k then checks
+    range and order as ever)."""
 
     KEY = f"{SEP}zstd"
     LEVEL = 3
@@ -406,8 +413,9 @@ class Zstd:
     def encode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
         import zstandard
 
+        filtered = {k: _gaps(v) if k.endswith(f"{SEP}idx") else v for k, v in tensors.items()}
         blob = zstandard.ZstdCompressor(level=self.LEVEL, write_content_size=True).compress(
-            encode_tensors(tensors))
+            encode_tensors(filtered))
         return {self.KEY: torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
     def decode(self, tensors: Tensors, ctx: CodecContext) -> Tensors:
@@ -427,9 +435,19 @@ class Zstd:
                             f"at most the frame limit ({ctx.limit}) is required")
         try:
             raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=ctx.limit)
-            return st_load(raw) if raw else {}
+            inner = st_load(raw) if raw else {}
         except Exception as exc:  # zstandard's and safetensors' own error types
             raise WireError(f"zstd codec: the block does not decode: {exc}") from None
+        for key, value in inner.items():
+            if key.endswith(f"{SEP}idx") and value.dtype in (torch.int32, torch.int64):
+                inner[key] = value.to(torch.int64).cumsum(0)  # int64: no overflow from gaps
+        return inner
+
+
+def _gaps(idx: torch.Tensor) -> torch.Tensor:
+    out = idx.clone()
+    out[1:] = idx[1:] - idx[:-1]
+    return out
 
 
 def _topk(arg: str) -> TopK:
@@ -579,11 +597,23 @@ def parse_pipeline(spec: str, error: type[Exception] = ConfigError,
         except ValueError as exc:
             raise error(f"{where} {spec!r}: {exc}") from None
         names.append(name)
+    feedback = "topk" in names or (downlink and not stateless)
+    for codec in codecs:
+        if feedback and isinstance(codec, Qsgd) and codec.bits < MIN_FEEDBACK_BITS:
+            raise error(f"{where} {spec!r}: {codec.spec} under error feedback (after topk, or in "
+                        f"downlink steps) would grow the error it feeds back: its variance is "
+                        f"{QSGD_VARIANCE[codec.bits]:g}× the signal's (bucket 512); use "
+                        f"qsgd:{MIN_FEEDBACK_BITS} or more there, or qsgd alone on the uplink")
     if "topk" in names and "delta" not in names:
         raise error(f"{where} {spec!r}: topk needs delta before it (sparsifying the weights "
                     f"themselves would zero most of the model); use delta+{spec}")
     return Pipeline(codecs)
 
+
+# QSGD's error variance relative to the signal (‖x − Q(x)‖² / ‖x‖², bucket 512, measured on
+# Gaussian values); error feedback is stable only for a contraction, variance < 1
+QSGD_VARIANCE = {2: 17.2, 3: 5.04, 4: 1.59, 5: 0.38, 6: 0.089, 7: 0.021, 8: 0.0053}
+MIN_FEEDBACK_BITS = 5
 
 HELD, HELD_VERSION = "held", "held_version"  # device-memory groups: the model a client holds
 MAX_STEPS = 100_000  # downlink steps one task may carry (the server keeps far fewer)

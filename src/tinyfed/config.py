@@ -6,6 +6,7 @@ run folder reads back into the same object.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,16 @@ class Config(BaseModel):
     server_lr: float | None = Field(None, gt=0, description="server learning rate η (default "
                                     "the rule's: 1 fedbuff/fedavgm/scaffold, 0.01 "
                                     "fedadam/fedyogi, 0.03 fedadagrad)")
+    # simulated fleet (tinyfed.fleet): real training, simulated device time and energy
+    fleet: str = Field("", description="device fleet: a profile (lora-sensors, nbiot-meters, "
+                       "ble-wearables, phones-lte, raspberry-pi-wifi), a mix such as "
+                       "phones-lte:0.7,lora-sensors:0.3, or a .csv/.json trace; '' = real clock")
+    sim_deadline: float | None = Field(None, gt=0, description="simulated seconds a sync round "
+                                       "(an async task) may take; later arrivals fail")
+    over_select: float = Field(1.0, ge=1.0, le=10.0, description="sync rounds ask this many "
+                               "times C·K clients and keep the first C·K to arrive (needs a fleet)")
+    sim_start_hour: float = Field(0.0, ge=0, lt=24, description="simulated time of day the run "
+                                  "starts (for daily availability windows)")
     # transport
     runtime: str = Field("inprocess", description="where clients run")
     workers: int | None = Field(None, ge=1, description="client processes / actors")
@@ -210,6 +221,18 @@ class Config(BaseModel):
                 self.krum_m > self.clients_per_round:
             raise ValueError(f"krum_m = {self.krum_m} exceeds the {self.clients_per_round} "
                              f"clients a round")
+        if self.fleet and not self.fleet.endswith((".csv", ".json")):
+            from tinyfed.fleet.profiles import parse_mix  # torch-free
+
+            try:
+                parse_mix(self.fleet)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if (self.over_select > 1 or self.sim_deadline) and not self.fleet:
+            raise ValueError("over_select and sim_deadline work on the simulated clock; name a "
+                             "fleet (e.g. --fleet phones-lte)")
+        if self.over_select > 1 and self.mode != "sync":
+            raise ValueError("over_select applies to sync rounds; async merges every arrival")
         if self.mode != "sync" and self.down_codec.startswith("delta"):
             raise ValueError(f"down_codec {self.down_codec!r} sends steps between rounds' models,"
                              f" which mode {self.mode!r} does not have; use a whole-model codec "
@@ -232,6 +255,11 @@ class Config(BaseModel):
     def clients_per_round(self) -> int:
         """max(1, round(C·K)): a join ratio that rounds to zero still trains one client."""
         return max(1, round(self.fraction * self.clients))
+
+    @property
+    def clients_asked(self) -> int:
+        """Clients a sync round selects: C·K, or ⌈over_select·C·K⌉ when it over-selects."""
+        return min(self.clients, math.ceil(self.over_select * self.clients_per_round - 1e-9))
 
     def to_toml(self) -> str:
         return tomli_w.dumps({k: v for k, v in self.model_dump().items() if v is not None})

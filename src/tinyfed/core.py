@@ -122,6 +122,7 @@ class RunCore:
         self.memory = DeviceMemory(self.cfg.codec, experiment.spec)
         self.downlink = make_downlink(self.cfg.down_codec, self.cfg.down_history, self.cfg.seed)
         self.payloads = TaskPayloads()
+        self.clock: Any = None  # a simulated device clock (its report() goes in every record)
         self.eval_model = experiment.new_model()
         self.stop_reason = ""
         self.attackers = set(attackers(experiment.client_ids, self.cfg.byzantine, self.cfg.seed))
@@ -149,6 +150,10 @@ class RunCore:
         """What the server accepts as the answer to `task` sent with `reference` weights."""
         return Expectation(task, reference, self.exp.spec, self.exp.shard_size(task.client_id),
                            self.cfg.max_frame, self.cfg.max_weight)
+
+    def watch(self, runtime: Any) -> None:
+        """Read the runtime's simulated clock into records and checkpoints, if it has one."""
+        self.clock = runtime if callable(getattr(runtime, "report", None)) else None
 
     def submit(self, runtime: Any, task: ClientTask, expect: Expectation,
                payload: bytes | None = None, extras: Tensors | None = None) -> None:
@@ -218,6 +223,7 @@ class RunCore:
             "lr": self.settings(round_num).lr,
             **self.memory.report(),
             **self.downlink.report(),
+            **(self.clock.report() if self.clock is not None else {}),
         }
 
     def progress(self, round_num: int, tally: Tally, planned: int) -> None:
@@ -260,6 +266,8 @@ class RunCore:
         weights.update(self.memory.tensors())
         weights.update(self.downlink.tensors())
         st.extra["downlink"] = self.downlink.state_dict()
+        if self.clock is not None:
+            st.extra["clock"] = self.clock.state_dict()
         try:
             save_checkpoint(self.checkpoint_dir, st.round, weights, st.to_json(),
                             keep=self.cfg.keep_checkpoints)
@@ -286,6 +294,8 @@ class RunCore:
         state.records = [r for r in records if r.get("kind", "round") == "round"]
         self.state = state
         self.guard.load_state_dict(state.extra.get("guard", {}))
+        if self.clock is not None:
+            self.clock.load_state_dict(state.extra.get("clock", {}))
         self.downlink.load(state.extra.get("downlink", {}), {
             k: v for k, v in weights.items() if k.startswith(BROADCAST_PREFIX)})
         return state, tensors

@@ -24,8 +24,9 @@ def plot_runs(runs: dict[str, list[Record]], out: str | Path,
     """One figure, three panels; several runs overlay for comparison. With `fp32_task_bytes`
     (a compressed run's model payload), the traffic panel also draws the same rounds at fp32
     (that payload down and up for every task), the run's uncompressed baseline."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax_acc, ax_loss, ax_bytes = axes
+    simulated = any(r.get("sim_hours") is not None for rs in runs.values() for r in rs)
+    fig, axes = plt.subplots(1, 5 if simulated else 3, figsize=(25 if simulated else 15, 4.2))
+    ax_acc, ax_loss, ax_bytes = axes[:3]
     for label, records in runs.items():
         x, acc = _series(records, "test_accuracy")
         ax_acc.plot(x, [100 * a for a in acc], marker="o", ms=3, label=label)
@@ -51,6 +52,16 @@ def plot_runs(runs: dict[str, list[Record]], out: str | Path,
             ax_bytes.set_xscale("log")
             ax_bytes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax_bytes.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    if simulated:  # a simulated fleet: accuracy against device time and device energy
+        for ax, key, scale, title, unit in ((axes[3], "sim_hours", 1.0, "Accuracy against "
+                                             "simulated time", "simulated hours"),
+                                            (axes[4], "cum_energy_j", 1e-3, "Accuracy against "
+                                             "device energy", "energy, all devices (kJ)")):
+            for label, records in runs.items():
+                pts = [(scale * r[key], 100 * r["test_accuracy"]) for r in records
+                       if r.get(key) is not None and r.get("test_accuracy") is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+            ax.set(title=title, xlabel=unit, ylabel="accuracy (%)")
     ax_acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy (%)")
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
     ax_bytes.set(title="Accuracy against traffic", xlabel="cumulative bytes, down + up (MB)",

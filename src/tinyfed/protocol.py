@@ -256,6 +256,9 @@ class ClientWorker:
             global_weights = apply_steps(payload, held, task.base_version, task.version,
                                          task.down_codec, self.max_frame)
         else:
+            if task.down_codec.startswith("delta"):
+                raise WireError(f"down_codec {task.down_codec!r} sends steps, but the task names "
+                                f"no base_version to start from")
             down = parse_pipeline(task.down_codec, WireError, downlink=True)
             global_weights = down.decode(payload, self.model.state_dict(), self.max_frame)
         wire.validate_tensors(global_weights, self.spec, "global model")

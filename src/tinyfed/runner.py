@@ -166,6 +166,23 @@ def codec_lines(cfg: Config, records: list[Record], w: int, down: float, up: flo
     return lines
 
 
+def fleet_lines(cfg: Config, records: list[Record]) -> list[str]:
+    """A simulated fleet's time, energy and failures by kind (see tinyfed.runtimes.simulated)."""
+    timed = [r for r in records if r.get("sim_hours") is not None]
+    if not timed:
+        return []
+    last = timed[-1]
+    radio = sum(r["radio_j"] for r in timed)
+    compute = sum(r["compute_j"] for r in timed)
+    kinds = ("unavailable", "dropped_out", "out_of_memory", "missed_deadline", "over_selected")
+    lost = ", ".join(f"{sum(r.get(k, 0) for r in timed)} {k.replace('_', ' ')}" for k in kinds)
+    return [f"fleet            {cfg.fleet}: simulated {last['sim_hours']:.2f} h "
+            f"({last['sim_hours'] * 3600 / len(timed):.1f} s a round on average), energy "
+            f"{last['cum_energy_j'] / 1e3:.2f} kJ (radio {radio / 1e3:.2f}, compute "
+            f"{compute / 1e3:.2f})",
+            f"fleet tasks      {lost}"]
+
+
 def summary(result: RunResult) -> str:
     """A readable report: accuracy, rounds, measured traffic beside the W·C·R estimate."""
     cfg = result.experiment.config
@@ -208,6 +225,7 @@ def summary(result: RunResult) -> str:
         f"traffic estimate W·C·R = {human_bytes(w)} × {cfg.clients_per_round} × {rounds} = "
         f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total (fp32, no codec)",
         *codec_lines(cfg, records, w, st.cum_bytes_down / tasks, st.cum_bytes_up / tasks),
+        *fleet_lines(cfg, records),
         f"wall time        {st.elapsed:.1f} s in rounds",
         f"outputs          {result.run_dir.metrics.name}, "
         + (f"{result.run_dir.plot.name}, " if result.run_dir.plot.exists()

@@ -54,6 +54,7 @@ class Server:
     def __init__(self, experiment: Experiment, runtime: Runtime, strategy: Strategy,
                  bus: EventBus, checkpoint_dir: Path | None = None):
         self.core = RunCore(experiment, bus, checkpoint_dir)
+        self.core.watch(runtime)
         self.exp, self.cfg = experiment, experiment.config
         self.runtime = runtime
         self.strategy = strategy
@@ -86,8 +87,7 @@ class Server:
     def run_round(self, round_num: int) -> Record:
         cfg, core = self.cfg, self.core
         weights = core.state.weights
-        selected = select_clients(self.exp.client_ids, cfg.clients_per_round, cfg.seed,
-                                  round_num)
+        selected = select_clients(self.exp.client_ids, cfg.clients_asked, cfg.seed, round_num)
         seen = core.downlink.prepare(round_num - 1, weights)  # what clients will hold
         told = {cid: self.strategy.configure(round_num, cid, weights) for cid in selected}
         agg = self.strategy.begin_round(weights, round_num)

@@ -28,4 +28,9 @@ def make_runtime(name: str, config) -> Runtime:
         raise ConfigError(f"unknown runtime {name!r}; allowed: {', '.join(sorted(RUNTIMES))}")
     module, _, cls = target.partition(":")
     factory = getattr(require(module, f"runtime {name!r}"), cls)
-    return as_runtime(factory(config), config.round_timeout)
+    transport = factory(config)
+    if config.fleet:  # the simulator: real training inside, a simulated device clock around it
+        from tinyfed.runtimes.simulated import SimulatedTransport
+
+        transport = SimulatedTransport(transport, config)
+    return as_runtime(transport, config.round_timeout)
