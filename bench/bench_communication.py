@@ -80,7 +80,7 @@ def main() -> None:
                   f"{args.rounds} rounds; target {100 * target:.2f}%, reached by fp32 in round "
                   f"{hit['round']} with {base_bytes / 1e6:.1f} MB")
             print(f"{'uplink':30} {'downlink':28} {'down MB':>9} {'up MB':>8} {'rounds':>6} "
-                  f"{'final %':>7} {'× less':>7}")
+                  f"{'at tgt %':>8} {'× less':>7}")
             for up, down in pairs:
                 t0 = time.monotonic()
                 try:

@@ -205,7 +205,8 @@ def test_waiting_results_are_merged_in_turn_and_replaced_with_one_model(monkeypa
 
     encoded: list[int] = []
     real = loop.downlink
-    monkeypatch.setattr(loop, "downlink", lambda w, spec: encoded.append(1) or real(w, spec))
+    monkeypatch.setattr(loop, "downlink",
+                        lambda w, spec, seed: encoded.append(1) or real(w, spec, seed))
     cfg = small_config(rounds=3, async_rule="seed-merge", **ASYNC)  # 6 merges, M=3
     s = server_for(cfg, ReadyRuntime(cfg))
     s.run()

@@ -175,7 +175,7 @@ def test_human_output_has_every_section(capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--codec", "bogus"], "unknown codec 'bogus'"),
-    (["--down-codec", "delta"], "uplink-only"),
+    (["--down-codec", "topk:0.1"], "start with delta"),
     (["--fraction", "2"], "fraction"),
     (["--dataset", "imagenet"], "dataset"),
     (["--link-kbps", "-1"], "link-kbps"),

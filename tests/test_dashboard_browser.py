@@ -270,3 +270,34 @@ def test_a_private_run_shows_epsilon_per_round(browser, tmp_path, cli_env):
         assert eps == sorted(eps) and eps[0] > 0
     finally:
         dash.stop()
+
+
+def test_a_simulated_fleet_run_plots_accuracy_against_device_time_and_energy(browser, tmp_path,
+                                                                            cli_env):
+    """A run on a simulated fleet records hours and energy: two cards (hidden for other runs)
+    plot its accuracy against them, point for point."""
+    from tests.conftest import small_config
+    from tinyfed.runner import execute, open_run
+
+    out = tmp_path / "fleet"
+    run_dir, config = open_run(small_config(rounds=3, out=str(out), clients=6, fraction=0.5,
+                                            fleet="phones-lte:1,nbiot-meters:1",
+                                            sim_start_hour=23), None, {})
+    execute(config, run_dir, live=False, stream=open(os.devnull, "w"))  # noqa: SIM115
+    recs = read_metrics(out / "metrics.jsonl")
+    port = free_port()
+    dash = Proc(["dashboard", str(out), "--port", str(port)], cli_env, tmp_path)
+    try:
+        url = dash.read_until(r"(http://127\.0\.0\.1:\d+/)").group(1)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        for card in ("simtime", "energy"):
+            page.wait_for_function(
+                f"+document.querySelector('#chart-{card}')?.dataset.points === 3",
+                timeout=WAIT_MS)
+            assert page.is_visible(f"#card-{card}")
+        assert not page.is_visible("#card-privacy")
+        hours = page.evaluate("window.tinyfedData.runs[0].records.map(r => r.sim_hours)")
+        assert hours == [r["sim_hours"] for r in recs] and hours == sorted(hours)
+    finally:
+        dash.stop()

@@ -149,3 +149,38 @@ def test_step_downlinks_are_sync_only_and_whole_model_codecs_are_checked():
     assert small_config(down_codec=" delta + stc:0.05 + zstd").down_codec == \
         "delta+topk:0.05+ternary+zstd"
     assert small_config(mode="async", down_codec="qsgd:4+zstd").down_codec == "qsgd:4+zstd"
+
+
+def test_the_report_and_the_estimate_show_each_direction(tmp_path, cli_env):
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from tinyfed.rundir import RunDir
+    from tinyfed.runner import execute, summary
+
+    cfg = small_config(out=str(tmp_path / "r"), clients=6, fraction=0.5, rounds=4,
+                       codec="delta+stc:0.1+zstd", down_codec="delta+stc:0.1+zstd")
+    run_dir = RunDir.create(cfg)
+    res = execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
+    text = summary(res)
+    up = next(line for line in text.splitlines() if line.startswith("codec up"))
+    down = next(line for line in text.splitlines() if line.startswith("codec down"))
+    assert "delta+topk:0.1+ternary+zstd" in up and "less" in up
+    steps = sum(r["down_steps"] for r in res.state.records)
+    full = sum(r["down_full"] for r in res.state.records)
+    assert f"({steps} tasks got steps, {full} the whole model)" in down and steps > 0
+    # the up ratio is the fp32 model payload over the mean bytes a task, as printed
+    tasks = sum(r["clients_selected"] for r in res.state.records)
+    w = len(wire.encode_tensors(res.experiment.initial))
+    assert f"×{w / (res.state.cum_bytes_up / tasks):.1f} less" in up
+    out = subprocess.run([sys.executable, "-m", "tinyfed", "bandwidth", "--dataset", "fmnist",
+                          "--model", "mlp", "--clients", "100", "--fraction", "0.1",
+                          "--codec", "delta+stc:0.01+zstd", "--down-codec",
+                          "delta+stc:0.01+zstd", "--json"], env=cli_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    t = json.loads(out.stdout)["traffic"]
+    assert t["down_reduction"] > 5 and t["up_reduction"] > 100
+    assert "10 such steps a task" in t["codec_size_source"]

@@ -10,7 +10,7 @@
   const DASHES = [[], [6, 4], [2, 3], [10, 3, 2, 3]];
   const TABLE_KEYS = ["round", "test_accuracy", "test_loss", "train_loss", "clients_selected",
     "clients_succeeded", "clients_failed", "bytes_down", "bytes_up", "cum_bytes_down",
-    "cum_bytes_up", "wall_seconds", "epsilon"];
+    "cum_bytes_up", "wall_seconds", "epsilon", "sim_hours", "cum_energy_j"];
 
   const state = { boot: null, runs: [] };
   window.tinyfedData = { boot: null, runs: [] };
@@ -143,6 +143,25 @@
     return { series, data, points, xLabel: "round", yLabel: spec.y, axis: spec.axis };
   }
 
+  // Accuracy against a cumulative quantity of a simulated fleet (hours, energy): x is that
+  // quantity, one line per run; runs' x values are merged and each run spans its own gaps.
+  function againstChartData(key, scale, xLabel) {
+    const runs = state.runs.filter((r) => r && rounds(r).some((x) => x[key] != null));
+    const perRun = runs.map((r) => rounds(r).filter((x) => x[key] != null && x.test_accuracy != null)
+      .map((x) => [x[key] * scale, x.test_accuracy]));
+    const xArr = [...new Set(perRun.flat().map((p) => p[0]))].sort((a, b) => a - b);
+    const data = [xArr], series = [];
+    perRun.forEach((pts, ri) => {
+      const at = new Map(pts);
+      data.push(xArr.map((v) => (at.has(v) ? at.get(v) : null)));
+      series.push({ label: runs.length > 1 ? runs[ri].name : "test accuracy",
+        stroke: PALETTE[ri % PALETTE.length], width: 2, spanGaps: true,
+        points: { show: true, size: 5 }, value: (u, v) => pct(v) });
+    });
+    return { series, data, points: Math.max(0, ...perRun.map((p) => p.length)), xLabel,
+      yLabel: "test accuracy (%)", axis: SPECS.accuracy.axis, fractional: true };
+  }
+
   function rateChartData() {
     // Merged updates per second of the run's wall clock, bucketed by whole seconds.
     const runs = state.runs.filter((r) => r && updates(r).length > 0);
@@ -214,7 +233,8 @@
       const opts = Object.assign(chartSize(el), {
         scales: { x: built.xRange ? { time: false, range: built.xRange } : { time: false } },
         axes: [
-          { label: built.xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] },
+          { label: built.xLabel, incrs: built.fractional ? null
+            : [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] },
           { label: built.yLabel, values: (u, vals) => distinct(vals, built.axis),
             size: (u, vals) => 34 + 7 * Math.max(2, ...(vals || []).map((v) => String(v).length)) },
         ],
@@ -235,6 +255,13 @@
     // the privacy card only for runs that spend a privacy budget (dp-fedavg)
     document.getElementById("card-privacy").hidden =
       !state.runs.some((r) => r && rounds(r).some((x) => x.epsilon != null));
+    // the fleet cards only for runs on a simulated clock (records with sim_hours)
+    const anyFleet = state.runs.some((r) => r && rounds(r).some((x) => x.sim_hours != null));
+    for (const [id, key, scale, label] of [["simtime", "sim_hours", 1, "simulated hours"],
+      ["energy", "cum_energy_j", 1e-3, "energy, all devices (kJ)"]]) {
+      document.getElementById("card-" + id).hidden = !anyFleet;
+      if (anyFleet) draw(id, againstChartData(key, scale, label));
+    }
     const anyAsync = state.runs.some((r) => r && updates(r).length > 0);
     for (const id of ["rate", "staleness"]) {
       document.getElementById("card-" + id).hidden = !anyAsync;
