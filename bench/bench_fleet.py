@@ -119,8 +119,8 @@ def plot(curves, out: Path) -> None:
         style = "--" if "fp32" in label else "-"
         axes[0].plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
         axes[1].plot([p[1] for p in pts], [p[2] for p in pts], style, label=label)
-    axes[0].set(title=f"FMNIST 2NN on {FLEET}", xlabel="simulated hours",
-                ylabel="test accuracy (%)")
+    axes[0].set(title=f"FMNIST 2NN on {FLEET}", xlabel="simulated hours (log)",
+                ylabel="test accuracy (%)", xscale="log")
     axes[1].set(title="… against the energy of all devices", xlabel="energy (kJ, log)",
                 ylabel="test accuracy (%)", xscale="log")
     for ax in axes:

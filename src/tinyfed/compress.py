@@ -328,12 +328,13 @@ class Qsgd:
             rows[:n] = x
             rows = rows.view(-1, self.BUCKET)
             norm = rows.norm(dim=1)
-            scaled = rows.abs() / torch.where(norm > 0, norm, 1.0)[:, None] * s
-            low = scaled.floor()
+            # in place where it can be: this runs on every update (≥ 200 MB/s on the 2NN)
+            scaled = rows.abs().mul_((s / torch.where(norm > 0, norm, 1.0))[:, None])
+            level = scaled.floor()
             gen = torch.Generator().manual_seed(_seed_of(ctx.seed, name))
-            up = torch.rand(rows.shape, generator=gen) < (scaled - low)
-            level = (low + up).clamp_(0, s)
-            q = torch.where(rows < 0, -level, level).reshape(-1)[:n] + s
+            up = torch.rand(rows.shape, generator=gen) < scaled.sub_(level)
+            level.add_(up).clamp_(max=s)
+            q = level.copysign_(rows).reshape(-1)[:n].add_(s)
             out[f"{name}{SEP}bits"] = bitpack.pack(q, self.bits)
             out[f"{name}{SEP}norm"] = norm
             out[f"{name}{SEP}shape"] = torch.tensor(list(v.shape), dtype=torch.int64)
