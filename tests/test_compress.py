@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import zstandard
 
 from tests.conftest import small_config
 from tinyfed import wire
@@ -293,6 +294,12 @@ def update_frame(codec, tensors, **header):
     ("int8", tamper("int8", b__scale=torch.tensor([float("nan")])), "non-finite"),
     ("int8", {**tamper("int8"), "w::bogus": torch.zeros(1, dtype=torch.int32)},
      "unknown tensors"),
+    ("delta+qsgd:12", tamper("delta+qsgd:4"), "2-8"),  # a bit width outside what QSGD allows
+    ("delta+qsgd:4", {**tamper("delta+qsgd:4"), "w::shape": torch.tensor([4, 5000])},
+     "more elements"),  # a shape lie: never allocated
+    ("delta+int8+zstd", {"::zstd": torch.frombuffer(bytearray(zstandard.ZstdCompressor()
+                                                              .compress(bytes(2 << 20))),
+                                                    dtype=torch.uint8)}, "does not decode"),
 ])
 def test_malformed_update_is_rejected_by_the_server(codec, tensors, msg):
     task = ClientTask(1, 1, 0, small_settings(), codec)

@@ -157,8 +157,10 @@ class ProcessRuntime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers = worker_count(config)
-        shared_q: queue.Queue = queue.Queue()  # any child serves any client (memory rides
-        self.slots = [Slot(i, shared_q) for i in range(self.workers)]  # with the task)
+        # one queue every child takes from: any child serves any client (a client's memory
+        # rides with its task)
+        self.jobs: queue.Queue = queue.Queue()
+        self.slots = [Slot(i, self.jobs) for i in range(self.workers)]
         self.done: queue.Queue[Delivery] = queue.Queue()
         self.live: set[int] = set()  # ids of jobs sent and not cancelled
         self.lock = threading.Lock()
@@ -186,7 +188,7 @@ class ProcessRuntime:
         frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
         with self.lock:
             self.live.add(job.id)
-        self.slots[0].jobs.put((job, frame))  # the one queue every child takes from
+        self.jobs.put((job, frame))
 
     def receive(self, timeout: float) -> Delivery | None:
         try:
@@ -243,7 +245,8 @@ class ProcessRuntime:
         return [s.child.pid for s in self.slots if s.child is not None]
 
     def _hello_for(self, num: int) -> bytes:
-        """The config (the child rebuilds data and shards from it) and the ids it serves."""
+        """The config (the child rebuilds data and shards from it) and the ids it serves
+        (all of them: any child may get any client's task)."""
         cfg = self.config
         ids = list(range(cfg.clients))
         header = {"config": cfg.model_dump(), "child": num, "clients": ids,
