@@ -45,3 +45,37 @@ def cli_env():
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+CLOCK = ("time", "wall_seconds", "elapsed_seconds")  # record fields that read a wall clock
+
+
+def run_small(tmp_path, name: str, **over):
+    """A small synthetic run (`small_config` with `over`) in tmp_path/name, quietly."""
+    import io
+
+    from tinyfed.rundir import RunDir
+    from tinyfed.runner import execute
+
+    cfg = small_config(out=str(tmp_path / name), **over)
+    run_dir = RunDir.create(cfg)
+    return execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
+
+
+def same_tensors(a, b) -> bool:
+    """The same names and bit-identical tensors."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def clockless(records) -> list[dict]:
+    """Records without their clock readings (what bit-identical runs share)."""
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in records]
+
+
+def folder_records(folder) -> list[dict]:
+    """A run folder's metrics.jsonl records, without their clock readings."""
+    import json
+
+    return clockless(json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines())

@@ -5,12 +5,14 @@ traffic, and refused when it does not fit the model."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 
 import pytest
 import torch
 
+from tests.conftest import folder_records as records
+from tests.conftest import run_small as run
+from tests.conftest import same_tensors as same
 from tests.conftest import small_config
 from tinyfed import wire
 from tinyfed.client import TrainSettings
@@ -118,24 +120,6 @@ def test_memory_changes_only_when_the_server_admits_the_update(setup):
     assert all(torch.equal(restored.store[1][k], held[k]) for k in held)
     assert mem.report() == {"memory_fresh": 0, "memory_clients": 1}
     assert DeviceMemory("delta+int8", exp.spec).spec == {}  # a stateless codec keeps none
-
-
-def run(tmp_path, name, **over):
-    cfg = small_config(out=str(tmp_path / name), **over)
-    run_dir = RunDir.create(cfg)
-    return execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
-
-
-CLOCK = ("time", "wall_seconds", "elapsed_seconds")
-
-
-def records(folder):
-    return [{k: v for k, v in json.loads(x).items() if k not in CLOCK}
-            for x in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 UP = ["", "fp16", "int8:channel", "int8+zstd", "qsgd:8", "delta+int8", "delta+qsgd:4+zstd",

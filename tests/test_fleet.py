@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.conftest import small_config
+from tests.conftest import clockless, small_config
+from tests.conftest import run_small as run
+from tests.conftest import same_tensors as same
 from tinyfed.client import TrainSettings
 from tinyfed.errors import ConfigError
 from tinyfed.fleet.clock import Work, task_cost
@@ -180,21 +181,8 @@ def test_mixes_are_assigned_by_share_and_seed():
     assert [p.name for p in build_fleet("ble-wearables", 3, 0)] == ["ble-wearables"] * 3
 
 
-def run(tmp_path, name, **over):
-    cfg = small_config(out=str(tmp_path / name), **over)
-    run_dir = RunDir.create(cfg)
-    return execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
-
-
-CLOCK = ("time", "wall_seconds", "elapsed_seconds")
-
-
 def records(result):
-    return [{k: v for k, v in r.items() if k not in CLOCK} for r in result.state.records]
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return clockless(result.state.records)
 
 
 FLEET = "phones-lte:0.5,raspberry-pi-wifi:0.25,nbiot-meters:0.25"

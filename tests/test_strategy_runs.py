@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from tests.conftest import folder_records as records
+from tests.conftest import run_small as run
+from tests.conftest import same_tensors as same
 from tests.conftest import small_config
 from tinyfed import wire
 from tinyfed.client import TrainSettings
@@ -25,25 +27,6 @@ from tinyfed.strategies import STRATEGIES
 STATEFUL = {"fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "dp-fedavg"}
 EXTRA = {"dp-fedavg": dict(dp_noise=0.3, dp_clip=2.0, dp_adaptive=False), "krum": dict(krum_f=1),
          "multi-krum": dict(krum_f=1)}
-
-
-def run(tmp_path, name: str, **over):
-    cfg = small_config(out=str(tmp_path / name), **over)
-    run_dir = RunDir.create(cfg)
-    return execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
-
-
-def same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-CLOCK = ("time", "wall_seconds", "elapsed_seconds")
-
-
-def records(folder) -> list[dict]:
-    """A run's records without its clock readings."""
-    return [{k: v for k, v in json.loads(x).items() if k not in CLOCK}
-            for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tinyfed import wire
-from tinyfed.client import TrainSettings, task_seed
+from tinyfed.client import TrainSettings, optimizer_slots, task_seed
 from tinyfed.compress import downlink, parse_pipeline
 from tinyfed.config import Config
 from tinyfed.data.sources import SOURCES
@@ -188,7 +188,7 @@ def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
     numel = sum(v.numel() for v in state.values() if v.is_floating_point())
     tensors = sum(1 for v in state.values() if v.is_floating_point())
     weights = raw_bytes(state)
-    slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
+    slots = optimizer_slots(config.optimizer, config.momentum)
     grads = params * 4
     optimizer = slots * params * 4
     acts = activation_bytes(model, SOURCES[config.dataset].shape, batch)

@@ -67,6 +67,12 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     return make(params, settings)
 
 
+def optimizer_slots(optimizer: str, momentum: float) -> int:
+    """Model-sized buffers the optimizer keeps (Adam's two moments, SGD's momentum), for
+    memory estimates."""
+    return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+
+
 def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
           correct: Callable[[], None] | None = None) -> dict[str, float]:
     """Run E epochs of minibatch training in place; return local metrics of the last epoch.

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyfed.bandwidth import activation_bytes
+from tinyfed.client import optimizer_slots
 from tinyfed.fleet.profiles import Profile
 
 
@@ -29,14 +30,15 @@ class Work:
     ram_bytes: int
 
     @classmethod
-    def of(cls, model: nn.Module, input_shape: tuple[int, ...], batch: int,
-           optimizer_slots: int) -> Work:
+    def of(cls, model: nn.Module, input_shape: tuple[int, ...], batch: int, optimizer: str,
+           momentum: float) -> Work:
         x = torch.zeros((1, *input_shape))
         with FlopCounterMode(display=False) as counter:
             model(x).sum().backward()
         model.zero_grad(set_to_none=True)
         params = sum(p.numel() for p in model.parameters())
-        ram = params * 4 * (2 + optimizer_slots) + activation_bytes(model, input_shape, batch)
+        slots = optimizer_slots(optimizer, momentum)
+        ram = params * 4 * (2 + slots) + activation_bytes(model, input_shape, batch)
         return cls(counter.get_total_flops() / 1e9, ram)
 
 

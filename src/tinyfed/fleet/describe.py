@@ -19,8 +19,8 @@ def describe(config: Config, examples: int) -> dict[str, Any]:
     """Per profile: count, rates, and a task of `examples` examples × epochs with the run's
     real frame sizes (as `tinyfed bandwidth` measures them); then a round's time and energy."""
     model = model_for(config)
-    slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
-    work = Work.of(model, SOURCES[config.dataset].shape, config.batch_size, slots)
+    work = Work.of(model, SOURCES[config.dataset].shape, config.batch_size, config.optimizer,
+                   config.momentum)
     t = traffic(config, state_of(model), 1)
     down, up = t["client_down_bytes"], t["client_up_bytes"]
     gflop = work.gflop_per_example * examples * config.epochs

@@ -82,9 +82,8 @@ class SimulatedTransport:
     # ---- Transport protocol -----------------------------------------------------------
     def start(self, experiment: Experiment) -> None:
         cfg = self.config
-        slots = 2 if cfg.optimizer == "adam" else (1 if cfg.momentum > 0 else 0)
         self.work = Work.of(experiment.new_model(), experiment.dataset.input_shape,
-                            cfg.batch_size, slots)
+                            cfg.batch_size, cfg.optimizer, cfg.momentum)
         self.experiment = experiment
         self.check_deadline()
         self.inner.start(experiment)
