@@ -173,6 +173,27 @@ def test_daily_windows_and_drop_outs_are_honoured_and_seeded():
     assert outcomes[0] == outcomes[1] and 8 < outcomes[0].count(False) < 32
 
 
+def test_a_drop_out_reports_its_bytes_as_a_transport_does():
+    """The dispatcher takes the device-memory section off what a transport sent, once."""
+    from dataclasses import replace
+
+    from tinyfed.protocol import task_frame
+    from tinyfed.runtimes.dispatch import radio
+
+    gone = Profile("gone", 5.0, 8.0, 8.0, 0.0, 0, 1.0, 0, 100.0, dropout=0.999)
+    sim = simulator([gone])
+    j = job(0, 0)
+    j = Job(0, replace(j.task, memory_bytes=400), b"x" * 1000, None, float("inf"))
+    sim.send(j)
+    got = drain(sim)[0]
+    sent = len(task_frame(j.task, b"")) + 1000
+    assert not got.result.ok and got.result.bytes_down == sent
+    link = radio(sent, j)  # what the record will hold: 400 bytes fewer
+    rec = sim.report()
+    assert rec["dropped_out"] == 1 and rec["radio_j"] == pytest.approx(link / 1e6)
+    assert sim.now == pytest.approx(link * 8 / 8000)  # the download at 8 kbit/s
+
+
 def test_mixes_are_assigned_by_share_and_seed():
     pairs = parse_mix("phones-lte:0.7,lora-sensors:0.3")
     fleet = assign(pairs, 10, seed=1)

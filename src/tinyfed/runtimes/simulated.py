@@ -98,12 +98,13 @@ class SimulatedTransport:
             self.fail(job, t0, "out_of_memory", f"out of memory: training needs "
                       f"{self.work.ram_bytes / 1e6:.2f} MB, {p.name} has {p.memory_mb:g} MB")
         elif p.dropout and random.Random(job.task.seed ^ 0x5EED).random() < p.dropout:
-            down = self.link_bytes_down(job)
-            cost = task_cost(p, down, 0, 0.0)
+            cost = task_cost(p, radio(self.sent_bytes(job), job), 0, 0.0)
+            # bytes as a transport reports them: the dispatcher takes the memory section off
             self.fail(job, t0 + cost.download_s, "dropped_out", f"dropped out after its "
-                      f"download ({p.name}, drop-out probability {p.dropout:g})", cost, down)
+                      f"download ({p.name}, drop-out probability {p.dropout:g})", cost,
+                      self.sent_bytes(job))
         else:
-            lower = task_cost(p, self.link_bytes_down(job), 0, self.gflop(job, None))
+            lower = task_cost(p, radio(self.sent_bytes(job), job), 0, self.gflop(job, None))
             self.training[job.id] = Training(job, t0, t0 + lower.seconds)
             self.inner.send(job)
 
@@ -138,9 +139,9 @@ class SimulatedTransport:
             self.experiment.shard_size(job.task.client_id)
         return self.work.gflop_per_example * examples * job.task.settings.epochs
 
-    def link_bytes_down(self, job: Job) -> int:
-        size = len(protocol.task_frame(job.task, b"")) + len(job.payload)
-        return radio(size, job)
+    def sent_bytes(self, job: Job) -> int:
+        """The task frame's size, as a transport counts what it sent."""
+        return len(protocol.task_frame(job.task, b"")) + len(job.payload)
 
     def arrived(self, got: Delivery) -> None:
         run = self.training.pop(got.job.id, None)
