@@ -243,7 +243,13 @@ def test_ctrl_c_reaps_every_child(tmp_path, cli_env):
     with subreaper():
         proc, kids = start_cli_run(tmp_path, cli_env)
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait() == 130
+        try:
+            code = proc.wait(timeout=60)  # a swallowed Ctrl-C once left a run going for ever
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the run did not stop within 60 s of Ctrl-C") from None
+        assert code == 130
         err = proc.stderr.read().decode()
         proc.stderr.close()
         adopted = children_of(os.getpid()) & kids  # orphans would have come to us

@@ -206,3 +206,22 @@ def test_user_model_by_import_path(tmp_path, monkeypatch):
     res = run_api(tmp_path, "u", model="mymodels:make", rounds=1)
     assert set(res.state.weights) == {"1.weight", "1.bias"}
     assert res.state.weights["1.weight"].shape == (10, 784)
+
+
+def test_ctrl_c_raises_now_and_again_at_the_next_result_if_it_was_swallowed():
+    from tinyfed.core import RunCore
+    from tinyfed.experiment import Experiment
+    from tinyfed.metrics import EventBus
+    from tinyfed.protocol import ClientResult
+    from tinyfed.runner import interrupts
+
+    core = RunCore(Experiment.build(small_config()), EventBus())
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), interrupts(core):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed, as Python does inside a finalizer
+        core.admit(ClientResult(0, 1, False, reason="x"), {}, {})  # raises it again
+    assert core.interrupted and signal.getsignal(signal.SIGINT) is before

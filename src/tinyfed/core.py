@@ -123,6 +123,7 @@ class RunCore:
         self.downlink = make_downlink(self.cfg.down_codec, self.cfg.down_history, self.cfg.seed)
         self.payloads = TaskPayloads()
         self.clock: Any = None  # a simulated device clock (its report() goes in every record)
+        self.interrupted = False  # set by Ctrl-C (runner.interrupts); checked at every result
         self.eval_model = experiment.new_model()
         self.stop_reason = ""
         self.attackers = set(attackers(experiment.client_ids, self.cfg.byzantine, self.cfg.seed))
@@ -172,6 +173,7 @@ class RunCore:
         """A validated update moved onto the exact model (when the downlink was lossy) and
         judged by the norm guard; a refused one comes back as a failure. An admitted one's
         device memory becomes the client's."""
+        self.raise_if_interrupted()
         if not result.ok:
             return result
         if seen is not exact:
@@ -241,9 +243,16 @@ class RunCore:
             raise RunStopped(f"cannot write the metrics record of round {record.get('round')} "
                              f"({exc}); the run stopped, {self.resumable()}") from None
 
+    def raise_if_interrupted(self) -> None:
+        """Ctrl-C raises at once; if that KeyboardInterrupt was swallowed (Python drops one
+        raised inside a finalizer or callback), the next result or round raises it again."""
+        if self.interrupted:
+            raise KeyboardInterrupt
+
     def finish_round(self, round_num: int, record: Record, policy_state: dict[str, Any],
                      tensors: Tensors | None = None) -> None:
         """The round is done: its record is written first, then (on cadence) a checkpoint."""
+        self.raise_if_interrupted()
         self.state.round = round_num
         self.state.records.append(record)
         self.guard.end_round()

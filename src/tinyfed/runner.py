@@ -6,6 +6,9 @@ whichever transport produced it.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -126,7 +129,7 @@ def execute(
     bus.subscribe(progress)
     bus.watch(progress.on_progress)
     try:
-        with progress:
+        with progress, interrupts(server.core):
             runtime.start(experiment)
             server.run()
     finally:
@@ -136,6 +139,25 @@ def execute(
     write_plot(run_dir, server.state.records,
                len(encode_tensors(experiment.initial)) if codecs else 0)
     return RunResult(run_dir, server.state, experiment, server.stop_reason)
+
+
+@contextlib.contextmanager
+def interrupts(core):
+    """Ctrl-C during a run: KeyboardInterrupt now, as ever, and a flag the run core checks at
+    every result and round, so an interrupt Python swallowed cannot leave the run going."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        core.interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_plot(run_dir: RunDir, records: list[Record], fp32_task_bytes: int = 0) -> bool:
