@@ -7,7 +7,8 @@ backward per sample (counted by torch's own `FlopCounterMode`), and their produc
 fraction of the matmul rate. It also trains N clients of the same shape as one stacked
 computation (per-client weights in a batch dimension: `bmm` for linear layers, a grouped
 convolution for conv layers; autograd as usual), the vectorization issue 14 proposes, and
-reports its throughput beside the one-by-one loop's, alternating the two, min/median/max.
+reports its throughput beside the one-by-one loop's, alternating the two, min/median/max; for
+models the fused trainer takes (`tinyfed.fused`: no autograd), its throughput and fraction too.
 
     PYTHONPATH=src python bench/bench_limit.py [--repeats 5] [--clients 10]
 """
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tinyfed.client import Shard, TrainSettings
+from tinyfed.fused import train_fused, unfusable
 from tinyfed.models import build_model
 
 
@@ -101,6 +104,13 @@ def stacked(model: nn.Sequential, xs: torch.Tensor, ys: torch.Tensor, batch: int
                 p.sub_(p.grad, alpha=0.01)
 
 
+def fused(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, batch: int) -> None:
+    """N clients one after another on tinyfed's fused trainer (no autograd; Linear/ReLU only)."""
+    settings = TrainSettings(epochs=1, batch_size=batch, lr=0.01)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        train_fused(model, Shard(x, y), settings, seed=i)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -123,11 +133,14 @@ def main() -> None:
             xs = torch.randn(args.clients, per_client, 1, 28, 28)
             ys = torch.randint(0, 10, (args.clients, per_client))
             samples = args.clients * per_client
-            rates = {"one": [], "stacked": []}
-            one_by_one(model, xs[:1], ys[:1], batch)  # warm up both paths
-            stacked(model, xs[:2], ys[:2], batch)
+            contestants = {"one": one_by_one, "stacked": stacked}
+            if unfusable(model) is None:
+                contestants["fused"] = fused
+            rates = {key: [] for key in contestants}
+            for fn in contestants.values():  # warm up every path
+                fn(model, xs[:2], ys[:2], batch)
             for _ in range(args.repeats):
-                for key, fn in (("one", one_by_one), ("stacked", stacked)):
+                for key, fn in contestants.items():
                     t0 = time.perf_counter()
                     fn(model, xs, ys, batch)
                     rates[key].append(samples / (time.perf_counter() - t0))
@@ -138,6 +151,12 @@ def main() -> None:
                   f"{one[0]:10.0f}/{statistics.median(one):7.0f}/{one[-1]:7.0f}   "
                   f"{100 * frac:8.1f}% {st[0]:9.0f}/{statistics.median(st):7.0f}/{st[-1]:7.0f}"
                   f" {statistics.median(st) / statistics.median(one):14.2f}", flush=True)
+            if "fused" in rates:
+                fu = sorted(rates["fused"])
+                print(f"{'':5} {'':4} {'fused:':>12} {fu[0]:10.0f}/{statistics.median(fu):7.0f}/"
+                      f"{fu[-1]:7.0f}   {100 * statistics.median(fu) * flops / 1e9 / peak:8.1f}%"
+                      f" (fused/1-by-1 {statistics.median(fu) / statistics.median(one):.2f})",
+                      flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"rerun: PYTHONPATH=src python bench/bench_limit.py --repeats {args.repeats} "
           f"--clients {args.clients}")

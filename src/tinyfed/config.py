@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,6 +74,9 @@ class Config(BaseModel):
     batch_size: int = Field(10, ge=0, description="local batch size B; 0 = the whole shard "
                             "(FedSGD)")
     optimizer: str = Field("sgd", description="client optimizer")
+    trainer: Literal["auto", "fused", "autograd"] = Field(
+        "auto", description="local training: fused (Linear/ReLU models with SGD, no autograd), "
+        "autograd (any model), or auto (fused where it can)")
     lr: float = Field(0.05, gt=0, description="client learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client weight decay")

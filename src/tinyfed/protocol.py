@@ -16,7 +16,7 @@ from typing import Any
 from tinyfed import wire
 from tinyfed.algorithms import client_algorithm
 from tinyfed.attacks import attack_of
-from tinyfed.client import Shard, TrainSettings, train
+from tinyfed.client import Shard, TrainSettings
 from tinyfed.compress import (
     HELD,
     HELD_VERSION,
@@ -28,6 +28,7 @@ from tinyfed.compress import (
 from tinyfed.errors import WireError
 from tinyfed.faults import injected
 from tinyfed.models import build_model, state_of
+from tinyfed.trainers import choose
 from tinyfed.wire import Kind, Tensors, TensorSpec
 
 MAX_ID = 2**31 - 1
@@ -203,8 +204,10 @@ class ClientWorker:
         num_classes: int,
         shards: ShardSource,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
+        trainer: str = "auto",
     ):
         self.model = build_model(model_name, tuple(input_shape), num_classes, seed=0)
+        self.trainer = trainer  # the config's: trainers.choose picks per optimizer
         self.num_classes = num_classes
         self.spec = wire.spec_of(state_of(self.model))
         self.shards = shards
@@ -267,7 +270,8 @@ class ClientWorker:
         if attack is not None:
             shard = attack.poison(shard, self.num_classes)
         correct = algorithm.prepare(self.model, global_weights, extras, task)
-        metrics = train(self.model, shard, task.settings, task.seed, correct)
+        trainer = choose(self.model, self.trainer, task.settings.optimizer)
+        metrics = trainer.train(self.model, shard, task.settings, task.seed, correct)
         local = state_of(self.model)
         local, extras_out = algorithm.finish(local, global_weights, extras, task, metrics)
         if attack is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -34,6 +35,7 @@ from tinyfed.rundir import RunDir
 from tinyfed.runtimes import make_runtime
 from tinyfed.runtimes.base import Runtime
 from tinyfed.runtimes.dispatch import as_runtime
+from tinyfed.trainers import Choice, choose
 from tinyfed.wire import encode_tensors
 from tinyfed.worker import configure_torch
 
@@ -47,6 +49,8 @@ class RunResult:
     state: RunState
     experiment: Experiment
     stop_reason: str
+    trainer: Choice | None = None  # the local trainer the clients run, and why
+    startup_seconds: float | None = None  # from execute() to the first round's dispatch
 
     @property
     def weights(self) -> dict:
@@ -105,14 +109,22 @@ def execute(
     """Run (or continue) the experiment in `run_dir` to its end and write every output.
     `runtime` replaces the one named by the config (`tinyfed serve` passes its HTTP server): a
     Runtime, or a transport, which is put under the dispatcher."""
+    began = time.monotonic()
     configure_torch(config)
     keep_freed_memory()
-    experiment = Experiment.build(config)
+    runtime = as_runtime(runtime, config.round_timeout) if runtime else make_runtime(
+        config.runtime, config)
+    try:
+        if hasattr(runtime, "warm"):
+            runtime.warm()  # workers import torch while the data loads
+        experiment = Experiment.build(config)
+        trainer = choose(experiment.new_model(), config.trainer, config.optimizer)
+    except BaseException:
+        runtime.close()
+        raise
     run_dir.write_partition(experiment.histogram(), experiment.dataset.classes)
     bus = bus or EventBus()
     sink = JsonlSink(run_dir.metrics)
-    runtime = as_runtime(runtime, config.round_timeout) if runtime else make_runtime(
-        config.runtime, config)
     server = make_server(config, experiment, runtime, bus, run_dir, strategy)
     if resuming:
         restore(server, run_dir, sink, bus)
@@ -131,6 +143,7 @@ def execute(
     try:
         with progress, interrupts(server.core):
             runtime.start(experiment)
+            startup = time.monotonic() - began
             server.run()
     finally:
         runtime.close()
@@ -138,7 +151,7 @@ def execute(
     codecs = config.codec or config.down_codec  # then the plot shows the fp32 baseline too
     write_plot(run_dir, server.state.records,
                len(encode_tensors(experiment.initial)) if codecs else 0)
-    return RunResult(run_dir, server.state, experiment, server.stop_reason)
+    return RunResult(run_dir, server.state, experiment, server.stop_reason, trainer, startup)
 
 
 @contextlib.contextmanager
@@ -248,7 +261,11 @@ def summary(result: RunResult) -> str:
         f"{human_bytes(estimate)} each way, {human_bytes(2 * estimate)} total (fp32, no codec)",
         *codec_lines(cfg, records, w, st.cum_bytes_down / tasks, st.cum_bytes_up / tasks),
         *fleet_lines(cfg, records),
-        f"wall time        {st.elapsed:.1f} s in rounds",
+        *([f"client trainer   {result.trainer.name} ({result.trainer.reason})"]
+          if result.trainer else []),
+        f"wall time        {st.elapsed:.1f} s in rounds"
+        + (f", {result.startup_seconds:.1f} s start-up before round 1 (data, model, clients)"
+           if result.startup_seconds is not None else ""),
         f"outputs          {result.run_dir.metrics.name}, "
         + (f"{result.run_dir.plot.name}, " if result.run_dir.plot.exists()
            else 'no plot (pip install "tinyfed[plot]"), ')

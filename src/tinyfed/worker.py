@@ -14,6 +14,7 @@ from tinyfed.config import Config
 from tinyfed.data.shared import SharedExamples, attach, client_rows
 from tinyfed.experiment import load_data, shard_of, split
 from tinyfed.protocol import ClientWorker
+from tinyfed.trainers import choose
 
 
 def configure_torch(config: Config, threads: int | None = None) -> None:
@@ -41,14 +42,15 @@ def build_worker(config: Config, threads: int | None = None,
             return Shard(x[rows], y[rows])
 
         worker = ClientWorker(config.model, examples.shape, examples.num_classes, shard,
-                              max_frame=config.max_frame)
+                              max_frame=config.max_frame, trainer=config.trainer)
     else:
         dataset = load_data(config)
         parts = split(config, dataset)
         worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
                               lambda cid: shard_of(dataset, parts, cid),
-                              max_frame=config.max_frame)
+                              max_frame=config.max_frame, trainer=config.trainer)
     # torch's first optimizer imports torch._dynamo (~800 modules, seconds): pay it while
-    # starting, not inside the first round's deadline.
-    torch.optim.SGD(worker.model.parameters(), lr=0.1)
+    # starting, not inside the first round's deadline; the fused trainer needs none.
+    if choose(worker.model, config.trainer, config.optimizer).name == "autograd":
+        torch.optim.SGD(worker.model.parameters(), lr=0.1)
     return worker

@@ -2,7 +2,7 @@
 
 The parent lays the examples out client after client (the layout `Experiment.shard` uses) in
 an anonymous memory file (`memfd_create`): it has no name on disk, so a killed run leaks
-nothing, and it is handed to each child as an inherited file descriptor. A child maps it
+nothing, and each child opens it through the parent's /proc/PID/fd entry. A child maps it
 read-only (copy-on-write, so nothing a child does reaches the others) instead of decoding and
 normalizing the whole data set itself; every client's shard is a view into the map. Only raw
 float32 and int64 values cross, sized by the parent's description, which the child checks
@@ -25,19 +25,25 @@ class SharedExamples:
     """What a child needs to map the examples: the fd, shapes and each client's range."""
 
     fd: int
+    pid: int  # the process whose fd it is: a child opens /proc/PID/fd/FD, so it can be
+    # started (and warm) before the file exists, and need not inherit it
     count: int  # examples laid out (the clients' shards back to back)
     shape: tuple[int, int, int]  # one image
     starts: tuple[int, ...]  # client i's examples are [starts[i], starts[i+1])
     num_classes: int
 
     def header(self) -> dict:
-        return {"fd": self.fd, "count": self.count, "shape": list(self.shape),
+        return {"fd": self.fd, "pid": self.pid, "count": self.count, "shape": list(self.shape),
                 "starts": list(self.starts), "num_classes": self.num_classes}
 
     @classmethod
     def from_header(cls, h: dict) -> SharedExamples:
-        return cls(int(h["fd"]), int(h["count"]), tuple(int(s) for s in h["shape"]),
+        return cls(int(h["fd"]), int(h["pid"]), int(h["count"]), tuple(int(s) for s in h["shape"]),
                    tuple(int(s) for s in h["starts"]), int(h["num_classes"]))
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{'self' if self.pid == os.getpid() else self.pid}/fd/{self.fd}"
 
     @property
     def x_bytes(self) -> int:
@@ -69,7 +75,7 @@ def publish(train_x: torch.Tensor, train_y: torch.Tensor, parts: list[np.ndarray
     order, starts = client_order(parts)
     shape = tuple(int(s) for s in train_x.shape[1:])
     fd = os.memfd_create("tinyfed-examples", 0)
-    desc = SharedExamples(fd, len(order), shape, tuple(starts), num_classes)
+    desc = SharedExamples(fd, os.getpid(), len(order), shape, tuple(starts), num_classes)
     os.ftruncate(fd, desc.size)
     x, y = _map(desc, writable=True)
     torch.index_select(train_x, 0, order, out=x)
@@ -78,7 +84,7 @@ def publish(train_x: torch.Tensor, train_y: torch.Tensor, parts: list[np.ndarray
 
 
 def _map(desc: SharedExamples, writable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    path = f"/proc/self/fd/{desc.fd}"
+    path = desc.path
     whole = torch.from_file(path, shared=writable, size=desc.size, dtype=torch.uint8)
     x = whole[: desc.x_bytes].view(torch.float32).view(desc.count, *desc.shape)
     y = whole[desc.x_bytes:].view(torch.int64)
@@ -88,9 +94,9 @@ def _map(desc: SharedExamples, writable: bool = False) -> tuple[torch.Tensor, to
 def attach(desc: SharedExamples) -> tuple[torch.Tensor, torch.Tensor]:
     """Map the examples a parent published (checked against the file's real size)."""
     try:
-        size = os.fstat(desc.fd).st_size
+        size = os.stat(desc.path).st_size
     except OSError as exc:
-        raise DataError(f"shared examples: fd {desc.fd} is not open ({exc})") from None
+        raise DataError(f"shared examples: {desc.path} cannot be read ({exc})") from None
     if size != desc.size or desc.starts[-1] != desc.count:
         raise DataError(f"shared examples: file holds {size} bytes; the description says "
                         f"{desc.size}")

@@ -1,7 +1,9 @@
 """A client process of the process runtime: `python -m tinyfed.runtimes.child READ_FD WRITE_FD N`.
 
-It holds only its own two pipe ends. The first frame it reads is HELLO (the run's config as
-JSON); it loads the data set once, rebuilds the same shards as the parent, answers HELLO, then
+It holds only its own two pipe ends. It imports torch at once (the parent may start it before
+loading the data, so both happen together); the first frame it reads is HELLO (the run's config
+as JSON, and the parent's shared examples to map, or else it loads the data set itself), it
+answers HELLO, then
 serves TASK frames until SHUTDOWN or EOF. It never outlives its parent: EOF on its read pipe
 ends it, and a watchdog thread ends it when the parent process exits (even mid-training).
 
@@ -139,6 +141,8 @@ def main(argv: list[str]) -> int:
     from tinyfed.runtimes import pipeio
 
     keep_freed_memory()
+    import tinyfed.worker  # noqa: F401  warm: torch imported while the parent loads the data
+
     try:
         return serve(read_fd, write_fd, num)
     except pipeio.PipeClosed:  # the parent went away while we wrote: nothing left to do

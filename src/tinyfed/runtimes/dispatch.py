@@ -38,6 +38,12 @@ class Dispatcher:
     def __getattr__(self, name: str) -> Any:  # url, pids(), hub, counters of the transport
         return getattr(self.__dict__["transport"], name)
 
+    def warm(self) -> None:
+        """Let a transport that starts workers start them before the experiment is built."""
+        warm = getattr(self.transport, "warm", None)
+        if warm is not None:
+            warm()
+
     def start(self, experiment: Experiment) -> None:
         self.transport.start(experiment)
 

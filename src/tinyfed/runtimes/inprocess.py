@@ -26,7 +26,8 @@ class InProcessRuntime:
     def start(self, experiment: Experiment) -> None:
         ds = experiment.dataset
         self.worker = ClientWorker(experiment.config.model, ds.input_shape, ds.num_classes,
-                                   experiment.shard, max_frame=experiment.config.max_frame)
+                                   experiment.shard, max_frame=experiment.config.max_frame,
+                                   trainer=experiment.config.trainer)
 
     def send(self, job: Job) -> None:
         self.queue.append(job)

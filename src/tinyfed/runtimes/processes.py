@@ -1,7 +1,7 @@
 """Process transport: one child process per worker, two OS pipes each, one listener thread each.
 
 The parent spawns `python -m tinyfed.runtimes.child` with only that child's two pipe ends,
-sends it HELLO (the config as JSON; the child loads its data itself), then each listener
+sends it HELLO (the config as JSON, and where to map the clients' examples), then each listener
 thread writes task frames to its child and reads the reply frames, which are validated and
 delivered as they arrive. A child that dies or sends a malformed frame fails its task with a
 reason; one whose job the dispatcher cancels at its deadline is killed. Either way it is
@@ -170,13 +170,20 @@ class ProcessRuntime:
         self.examples: SharedExamples | None = None  # one mapped copy of the clients' data
 
     # ---- Transport protocol -----------------------------------------------------------
+    def warm(self) -> None:
+        """Start the children now, before the data set is loaded: each imports torch and
+        tinyfed while the parent loads, and waits for its HELLO (sent by `start`)."""
+        if not self.spawned:
+            for slot in self.slots:
+                self._launch(slot.num)
+
     def start(self, experiment: Experiment) -> None:
         cfg = experiment.config
         self.config = cfg
         # one mapped copy of the data for the tree (Linux); elsewhere each child loads its own
         self.examples = experiment.share_examples() if hasattr(os, "memfd_create") else None
-        children = [self._launch(slot.num) for slot in self.slots]  # start all, then wait
-        for slot, child in zip(self.slots, children):
+        self.warm()  # unless the caller already did
+        for slot, child in zip(self.slots, self.spawned):
             handshake(child, self._hello_for(slot.num))
             slot.child = child
         for slot in self.slots:
@@ -256,7 +263,7 @@ class ProcessRuntime:
         return wire.encode_frame(wire.Kind.HELLO, header)
 
     def _launch(self, num: int) -> Child:
-        child = launch(num, (self.examples.fd,) if self.examples is not None else ())
+        child = launch(num)  # the examples are opened through /proc/<our pid>/fd
         self.spawned.append(child)
         return child
 

@@ -1,0 +1,134 @@
+"""Local training without autograd for stacks of Linear and ReLU layers (the paper's 2NN).
+
+Why hand-written: at the paper's B=10 the 2NN's step is bound by per-operation dispatch, not
+arithmetic (22 % of this machine's matmul rate, `bench/bench_limit.py`); autograd's graph, its
+backward nodes and the optimizer's per-parameter loop are most of the operations. The backward
+of Linear + ReLU + cross-entropy is short enough to write out, which does the same arithmetic in
+about half the operations. The result equals `client.train`'s to float tolerance (the products
+are the same, their summation order may differ); the data order, the SGD rule (weight decay,
+momentum, its first step) and a client algorithm's gradient correction are exactly those of
+`client.train`, so `tests/test_trainers.py` compares the two on every setting.
+
+Vectorizing several clients into one batched computation (`bmm` over stacked weights) was
+measured too and is slower on this CPU than this one-client path (`bench/bench_limit.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tinyfed.client import Shard, TrainSettings
+
+
+def unfusable(model: nn.Module) -> str | None:
+    """Why `train_fused` cannot train this model, or None if it can. Types are matched
+    exactly: a subclass may change what forward does."""
+    if type(model) is not nn.Sequential:
+        return f"the model is a {type(model).__name__}, not an nn.Sequential"
+    layers = list(model)
+    if not layers:
+        return "it has no layers"
+    if type(layers[0]) is not nn.Flatten or (layers[0].start_dim, layers[0].end_dim) != (1, -1):
+        return f"layer 0 is {type(layers[0]).__name__}, not nn.Flatten()"
+    if next(model.buffers(), None) is not None:
+        return "it has buffers (running statistics)"
+    linear = 0
+    for i, layer in enumerate(layers[1:], 1):
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            return f"layer {i} has hooks"
+        if type(layer) is nn.Linear:
+            if layer.weight.dtype != torch.float32:
+                return f"layer {i} is {layer.weight.dtype}, not float32"
+            linear += 1
+        elif type(layer) is nn.ReLU:
+            if type(layers[i - 1]) is not nn.Linear:
+                return f"layer {i} (ReLU) does not follow a Linear"
+        else:
+            return f"layer {i} is {type(layer).__name__}"
+    if not linear:
+        return "it has no Linear layer"
+    if any(not p.requires_grad for p in model.parameters()):
+        return "some parameters are frozen"
+    return None
+
+
+def _plan(model: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
+    """Each Linear with whether a ReLU follows it."""
+    layers = list(model)[1:]
+    return [(layer, i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU)
+            for i, layer in enumerate(layers) if type(layer) is nn.Linear]
+
+
+@torch.no_grad()
+def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
+                correct: Callable[[], None] | None = None) -> dict[str, float]:
+    """`client.train` for a model `unfusable` accepts, with the backward written out. SGD only
+    (momentum, weight decay); the caller checks both."""
+    start = time.perf_counter()
+    n = len(shard)
+    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    plan = _plan(model)
+    params = [p for layer, _ in plan for p in (layer.weight, layer.bias) if p is not None]
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
+    x = shard.x.reshape(n, -1)
+    classes = plan[-1][0].out_features
+    eye = torch.eye(classes)
+    loss_sum = torch.zeros(())
+    steps = 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        xs, hot = x[order], eye[shard.y[order]]  # one gather per epoch, then views
+        loss_sum.zero_()
+        for lo in range(0, n, batch):
+            acts = [xs[lo : lo + batch]]
+            target = hot[lo : lo + batch]
+            for layer, relu in plan:
+                h = (torch.addmm(layer.bias, acts[-1], layer.weight.t()) if layer.bias is not None
+                     else acts[-1] @ layer.weight.t())
+                acts.append(h.relu_() if relu else h)
+            out = acts.pop()
+            lse = out.logsumexp(1, keepdim=True)
+            g = (out - lse).exp_().sub_(target)  # d(sum of cross-entropies)/d(out)
+            loss_sum.add_(lse.sum()).sub_((out * target).sum())
+            g.div_(out.shape[0])  # the loss is the batch mean
+            grads: list[torch.Tensor] = []
+            for k in range(len(plan) - 1, -1, -1):
+                layer, a = plan[k][0], acts[k]
+                if layer.bias is not None:
+                    grads.append(g.sum(0))
+                grads.append(g.t() @ a)
+                if k:
+                    g = g @ layer.weight
+                    if plan[k - 1][1]:  # the input came out of a ReLU
+                        g.mul_(a > 0)
+            grads.reverse()  # now (weight, bias) per layer, in `params` order
+            if correct is not None:
+                for p, grad in zip(params, grads):
+                    p.grad = grad
+                correct()
+                grads = [p.grad for p in params]
+            for i, (p, grad) in enumerate(zip(params, grads)):
+                if wd:
+                    grad = grad.add(p, alpha=wd)
+                if mu:
+                    if buffers[i] is None:
+                        buffers[i] = grad.clone()
+                    else:
+                        buffers[i].mul_(mu).add_(grad)
+                    grad = buffers[i]
+                p.add_(grad, alpha=-lr)
+            steps += 1
+    if correct is not None:
+        for p in params:
+            p.grad = None
+    return {
+        "train_loss": float(loss_sum) / max(n, 1),
+        "steps": steps,
+        "train_seconds": time.perf_counter() - start,
+    }
