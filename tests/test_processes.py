@@ -258,3 +258,56 @@ def test_ctrl_c_reaps_every_child(tmp_path, cli_env):
     assert not adopted, "children outlived the parent after Ctrl-C"
     assert "interrupted" in err and "Traceback" not in err
     assert not any(Path(f"/proc/{pid}").exists() for pid in kids)
+
+
+def pipes_of(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if int(fd.name) < 3:  # stdin, stdout, stderr: the parent's own, shared on purpose
+            continue
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("pipe:"):
+            out.add(link)
+    return out
+
+
+def test_cli_children_are_forks_that_keep_only_their_own_pipes(tmp_path, cli_env):
+    """`tinyfed run` forks its children before loading the data (no second torch import);
+    each closes what it inherited, so a child sees EOF when the parent goes, not when the
+    other child does. They still map the parent's one copy of the examples."""
+    proc, kids = start_cli_run(tmp_path, cli_env)
+    try:
+        parent_cmd = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        pipes = {}
+        for pid in kids:
+            assert Path(f"/proc/{pid}/cmdline").read_bytes() == parent_cmd  # a fork, no exec
+            assert "memfd:tinyfed-examples" in Path(f"/proc/{pid}/maps").read_text()
+            pipes[pid] = pipes_of(pid)
+            assert len(pipes[pid]) == 2, pipes[pid]  # its task pipe and its update pipe
+        a, b = pipes.values()
+        assert not a & b
+        assert proc.poll() is None
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
+def test_forked_children_are_bit_identical_to_inprocess(tmp_path, cli_env):
+    from safetensors.torch import load_file
+
+    weights = {}
+    for runtime in ("inprocess", "processes"):
+        out = tmp_path / runtime
+        subprocess.run(
+            [sys.executable, "-m", "tinyfed", "run", "--plain", "--runtime", runtime,
+             "--workers", "2", "--deterministic", "--dataset", "synthetic", "--model", "mlp128",
+             "--clients", "4", "--rounds", "2", "--out", str(out)],
+            env=cli_env, check=True, capture_output=True, timeout=300)
+        weights[runtime] = load_file(out / "model.safetensors")
+    assert weights["inprocess"].keys() == weights["processes"].keys()
+    assert all(torch.equal(weights["inprocess"][k], weights["processes"][k])
+               for k in weights["inprocess"])

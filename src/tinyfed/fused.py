@@ -74,11 +74,14 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     gen = torch.Generator().manual_seed(seed)
     plan = _plan(model)
     params = [p for layer, _ in plan for p in (layer.weight, layer.bias) if p is not None]
-    buffers: list[torch.Tensor | None] = [None] * len(params)
+    # per layer: weight, its transpose (a view: it follows the in-place updates), bias, and
+    # whether the layer's input came out of a ReLU (its backward masks by that input)
+    layers = [(layer.weight, layer.weight.t(), layer.bias, i > 0 and plan[i - 1][1], relu)
+              for i, (layer, relu) in enumerate(plan)]
+    buffers: list[torch.Tensor] = []
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
     x = shard.x.reshape(n, -1)
-    classes = plan[-1][0].out_features
-    eye = torch.eye(classes)
+    eye = torch.eye(plan[-1][0].out_features)
     loss_sum = torch.zeros(())
     steps = 0
     for _ in range(settings.epochs):
@@ -86,26 +89,25 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
         xs, hot = x[order], eye[shard.y[order]]  # one gather per epoch, then views
         loss_sum.zero_()
         for lo in range(0, n, batch):
-            acts = [xs[lo : lo + batch]]
+            a = xs[lo : lo + batch]
             target = hot[lo : lo + batch]
-            for layer, relu in plan:
-                h = (torch.addmm(layer.bias, acts[-1], layer.weight.t()) if layer.bias is not None
-                     else acts[-1] @ layer.weight.t())
-                acts.append(h.relu_() if relu else h)
-            out = acts.pop()
-            lse = out.logsumexp(1, keepdim=True)
-            g = (out - lse).exp_().sub_(target)  # d(sum of cross-entropies)/d(out)
-            loss_sum.add_(lse.sum()).sub_((out * target).sum())
-            g.div_(out.shape[0])  # the loss is the batch mean
+            acts = []
+            for _w, wt, b, _, relu in layers:
+                acts.append(a)
+                a = torch.addmm(b, a, wt) if b is not None else a @ wt
+                if relu:
+                    a.relu_()
+            logp = a.log_softmax(1)
+            loss_sum.sub_(torch.vdot(logp.view(-1), target.view(-1)))  # Σ cross-entropies
+            g = logp.exp_().sub_(target).div_(a.shape[0])  # d(batch-mean loss)/d(logits)
             grads: list[torch.Tensor] = []
-            for k in range(len(plan) - 1, -1, -1):
-                layer, a = plan[k][0], acts[k]
-                if layer.bias is not None:
+            for (w, _, b, masked, _), a in zip(reversed(layers), reversed(acts)):
+                if b is not None:
                     grads.append(g.sum(0))
                 grads.append(g.t() @ a)
-                if k:
-                    g = g @ layer.weight
-                    if plan[k - 1][1]:  # the input came out of a ReLU
+                if a is not acts[0]:
+                    g = g @ w
+                    if masked:
                         g.mul_(a > 0)
             grads.reverse()  # now (weight, bias) per layer, in `params` order
             if correct is not None:
@@ -113,16 +115,18 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
                     p.grad = grad
                 correct()
                 grads = [p.grad for p in params]
-            for i, (p, grad) in enumerate(zip(params, grads)):
-                if wd:
-                    grad = grad.add(p, alpha=wd)
-                if mu:
-                    if buffers[i] is None:
-                        buffers[i] = grad.clone()
-                    else:
-                        buffers[i].mul_(mu).add_(grad)
-                    grad = buffers[i]
-                p.add_(grad, alpha=-lr)
+            # torch.optim.SGD's rule (weight decay, momentum whose first step is the gradient),
+            # one foreach call per line instead of one call per tensor
+            if wd:
+                torch._foreach_add_(grads, params, alpha=wd)
+            if mu:
+                if buffers:
+                    torch._foreach_mul_(buffers, mu)
+                    torch._foreach_add_(buffers, grads)
+                else:
+                    buffers = [grad.clone() for grad in grads]
+                grads = buffers
+            torch._foreach_add_(params, grads, alpha=-lr)
             steps += 1
     if correct is not None:
         for p in params:

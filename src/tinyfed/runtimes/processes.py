@@ -31,6 +31,7 @@ from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
 from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped
+from tinyfed.runtimes.forking import Forked, can_fork, fork_child
 
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
 
@@ -61,7 +62,7 @@ class Child:
     """A running client process and the parent's ends of its two pipes."""
 
     num: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     to_child: int
     from_child: int
 
@@ -97,15 +98,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch(num: int, shared_fds: tuple[int, ...] = ()) -> Child:
-    """Start one child holding only its own two pipe ends (ours stay non-inheritable) and the
-    shared read-only files it is given (the examples' memory file)."""
+def launch(num: int, fork: bool = False) -> Child:
+    """Start one child holding only its own two pipe ends (ours stay non-inheritable): a fork
+    of this process when `fork` (torch already imported: `forking`), else a fresh interpreter."""
     task_r, task_w = os.pipe()  # parent writes tasks, child reads
     up_r, up_w = os.pipe()  # child writes updates, parent reads
     try:
-        proc = subprocess.Popen(
+        proc = fork_child(task_r, up_w, num) if fork else subprocess.Popen(
             [sys.executable, "-m", "tinyfed.runtimes.child", str(task_r), str(up_w), str(num)],
-            pass_fds=(task_r, up_w, *shared_fds), close_fds=True, stdin=subprocess.DEVNULL,
+            pass_fds=(task_r, up_w), close_fds=True, stdin=subprocess.DEVNULL,
             env=child_env())
     except BaseException:
         for fd in (task_w, up_r):
@@ -257,13 +258,20 @@ class ProcessRuntime:
         cfg = self.config
         ids = list(range(cfg.clients))
         header = {"config": cfg.model_dump(), "child": num, "clients": ids,
-                  "workers": self.workers, "threads": max(1, (os.cpu_count() or 1) // self.workers)}
+                  "workers": self.workers, "threads": self._child_threads()}
         if self.examples is not None:
             header["examples"] = self.examples.header()
         return wire.encode_frame(wire.Kind.HELLO, header)
 
+    def _child_threads(self) -> int:
+        if self.config.deterministic:
+            return 1
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
     def _launch(self, num: int) -> Child:
-        child = launch(num)  # the examples are opened through /proc/<our pid>/fd
+        # the examples are opened through /proc/<our pid>/fd; a fork only while nothing else
+        # runs here (at warm(): no listener thread yet), a fresh interpreter otherwise
+        child = launch(num, fork=can_fork(self._child_threads()))
         self.spawned.append(child)
         return child
 
