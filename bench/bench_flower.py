@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,20 +57,34 @@ def commands(c: dict, out: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak tree PSS MiB) of one command run to its end."""
+def final_accuracy(stdout: str) -> float | None:
+    """The last test accuracy a contestant printed: a JSON line's (plain loop, Flower) or
+    tinyfed's report line."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{") and '"accuracy"' in line:
+            return json.loads(line)["accuracy"]
+        found = re.match(r"test accuracy\s+([\d.]+)%", line)
+        if found:
+            return float(found.group(1)) / 100
+    return None
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float | None]:
+    """(wall seconds, peak tree PSS MiB, final test accuracy) of one command run to its end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, sum(pss_kib(p) for p in tree(proc.pid)))
-        time.sleep(0.1)
-    wall = time.monotonic() - t0
-    if proc.returncode:
-        err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-        raise SystemExit(f"{cmd[:4]}… failed ({proc.returncode}): {err[-1] if err else ''}")
-    return wall, peak / 1024
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(pss_kib(p) for p in tree(proc.pid)))
+            time.sleep(0.1)
+        wall = time.monotonic() - t0
+        if proc.returncode:
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise SystemExit(f"{cmd[:4]}… failed ({proc.returncode}): {err[-1] if err else ''}")
+        out.seek(0)
+        return wall, peak / 1024, final_accuracy(out.read())
 
 
 def main() -> None:
@@ -86,22 +101,26 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load "
           f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
     for name in args.configs:
-        results: dict[str, list[tuple[float, float]]] = {}
+        results: dict[str, list[tuple[float, float, float | None]]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeats):
                 for label, cmd in commands(CONFIGS[name], Path(tmp) / str(i)).items():
                     results.setdefault(label, []).append(measure(cmd))
         print(f"\nconfig {name}: {json.dumps(CONFIGS[name])}")
-        print(f"{'contestant':26} {'wall s (min/med/max)':>24} {'peak PSS MiB (min/med/max)':>28}")
+        print(f"{'contestant':26} {'wall s (min/med/max)':>24} {'peak PSS MiB (min/med/max)':>28}"
+              f"  final accuracy")
         for label, runs in results.items():
             w = [r[0] for r in runs]
             m = [r[1] for r in runs]
+            acc = sorted({f"{100 * r[2]:.2f}%" for r in runs if r[2] is not None})
             print(f"{label:26} {min(w):>7.1f}/{statistics.median(w):>6.1f}/{max(w):>6.1f}   "
-                  f"{min(m):>8.0f}/{statistics.median(m):>6.0f}/{max(m):>6.0f}")
+                  f"{min(m):>8.0f}/{statistics.median(m):>6.0f}/{max(m):>6.0f}  {', '.join(acc)}")
+        plain = statistics.median(r[0] for r in results["plain loop"])
         flower = statistics.median(r[0] for r in results["flower + ray (2 actors)"])
         for label in ("tinyfed inprocess", "tinyfed processes (2)"):
             mine = statistics.median(r[0] for r in results[label])
-            print(f"Flower / {label}: {flower / mine:.2f}× (median wall)")
+            print(f"Flower / {label}: {flower / mine:.2f}× (median wall); {label} / plain loop: "
+                  f"{mine / plain:.2f}×")
     print(f"rerun: PYTHONPATH=src python bench/bench_flower.py --configs {' '.join(args.configs)}"
           f" --repeats {args.repeats}")
 

@@ -1,3 +1,3 @@
-from tinyfed.cli import main
+from tinyfed.cli import entry
 
-raise SystemExit(main())
+entry()

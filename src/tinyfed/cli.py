@@ -6,8 +6,11 @@ A user's mistake (TinyfedError) prints one line and exits 2; there is no traceba
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 
 from tinyfed import __version__
 from tinyfed.errors import TinyfedError
@@ -51,5 +54,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `tinyfed` command: `main`, then an exit that skips the interpreter's teardown once
+    torch is loaded (0.7 s of freeing modules on this machine, for nothing: every output is
+    written and closed by then). Threads still working and exit handlers run first."""
+    code = main()
+    if "torch" not in sys.modules:
+        raise SystemExit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -110,8 +110,17 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
-    """Accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+             threads: int | None = None) -> dict:
+    """Accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted).
+    `threads`: torch threads for this call only (training's setting is restored after)."""
+    if threads is not None and threads != torch.get_num_threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return evaluate(model, x, y, num_classes)
+        finally:
+            torch.set_num_threads(before)
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss = 0.0

@@ -120,6 +120,9 @@ class Config(BaseModel):
     threads: int = Field(
         1, ge=0, description="torch threads for in-process training; 0 = torch's default"
     )
+    eval_threads: int = Field(
+        0, ge=0, description="torch threads for the server's test-set evaluation; 0 = one per "
+        "core (1 with deterministic)")
     min_clients: int = Field(1, ge=1,
                              description="fewest successful clients for a round to count")
     round_timeout: float = Field(

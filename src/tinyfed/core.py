@@ -14,6 +14,7 @@ are rebuilt from metrics.jsonl, checked and cut at the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tinyfed.broadcast import make_downlink
 from tinyfed.checkpoint import latest_checkpoint, save_checkpoint
 from tinyfed.client import TrainSettings, evaluate
 from tinyfed.compress import rebase
+from tinyfed.config import Config
 from tinyfed.errors import TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.guard import NormGuard
@@ -107,6 +109,14 @@ class Tally:
     def failure(self, client_id: int, reason: str, **where: Any) -> None:
         self.failures.append({"client_id": client_id, **where, "reason": reason})
 
+
+
+def eval_threads(cfg: Config) -> int:
+    """Threads for the test-set evaluation: every core by default (clients wait on the new
+    model meanwhile in sync rounds; the 2NN's evaluation was a quarter of a round on one)."""
+    if cfg.deterministic:
+        return 1
+    return cfg.eval_threads or os.cpu_count() or 1
 
 class RunCore:
     """Run state, admission, evaluation, records, checkpoints, resume and stop rules."""
@@ -191,7 +201,8 @@ class RunCore:
     def evaluate(self, weights: Tensors) -> dict[str, Any]:
         self.eval_model.load_state_dict(weights)
         ds = self.exp.dataset
-        return evaluate(self.eval_model, ds.test_x, ds.test_y, ds.num_classes)
+        return evaluate(self.eval_model, ds.test_x, ds.test_y, ds.num_classes,
+                        eval_threads(self.cfg))
 
     def round_record(self, round_num: int, tally: Tally, selected: int) -> Record:
         """Evaluate (on the configured cadence) and build the round's record."""
