@@ -110,13 +110,13 @@ class Tally:
         self.failures.append({"client_id": client_id, **where, "reason": reason})
 
 
-
 def eval_threads(cfg: Config) -> int:
     """Threads for the test-set evaluation: every core by default (clients wait on the new
     model meanwhile in sync rounds; the 2NN's evaluation was a quarter of a round on one)."""
     if cfg.deterministic:
         return 1
     return cfg.eval_threads or os.cpu_count() or 1
+
 
 class RunCore:
     """Run state, admission, evaluation, records, checkpoints, resume and stop rules."""

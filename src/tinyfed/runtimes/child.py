@@ -3,8 +3,8 @@
 It holds only its own two pipe ends. It imports torch at once (the parent may start it before
 loading the data, so both happen together); the first frame it reads is HELLO (the run's config
 as JSON, and the parent's shared examples to map, or else it loads the data set itself), it
-answers HELLO, then
-serves TASK frames until SHUTDOWN or EOF. It never outlives its parent: EOF on its read pipe
+answers HELLO, then serves TASK frames until SHUTDOWN or EOF. A forked child (`forking.py`)
+enters at `main` too. It never outlives its parent: EOF on its read pipe
 ends it, and a watchdog thread ends it when the parent process exits (even mid-training).
 
 Test hook (read only here, never set in normal use): ``TINYFED_TEST_CHILD_FAULT=MODE[:CLIENT

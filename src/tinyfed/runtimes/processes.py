@@ -1,9 +1,10 @@
 """Process transport: one child process per worker, two OS pipes each, one listener thread each.
 
-The parent spawns `python -m tinyfed.runtimes.child` with only that child's two pipe ends,
-sends it HELLO (the config as JSON, and where to map the clients' examples), then each listener
-thread writes task frames to its child and reads the reply frames, which are validated and
-delivered as they arrive. A child that dies or sends a malformed frame fails its task with a
+The parent starts each child (a fork of itself while that is safe, `forking.py`; else
+`python -m tinyfed.runtimes.child`) with only that child's two pipe ends, sends it HELLO (the
+config as JSON, and where to map the clients' examples), then each listener thread writes task
+frames to its child and reads the reply frames, which are validated and delivered as they
+arrive. A child that dies or sends a malformed frame fails its task with a
 reason; one whose job the dispatcher cancels at its deadline is killed. Either way it is
 reaped and (with `respawn`) replaced before its next task. Blocking reads and writes live in
 the listener threads; a kill (SIGKILL by pid) is what unblocks them, so nothing busy-waits.
