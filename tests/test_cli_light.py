@@ -19,7 +19,8 @@ print(code, 'torch' in sys.modules)
 """
 
 
-@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["run", "--rounds", "x"], 2),
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["run", "--help"], 0),
+                                        (["run", "--rounds", "x"], 2),
                                         (["run", "--no-such-flag"], 2),
                                         (["bandwidth", "--link", "carrier-pigeon"], 2)])
 def test_help_and_bad_flags_do_not_import_torch(cli_env, argv, code):
@@ -34,3 +35,13 @@ def test_run_help_still_lists_every_registry(cli_env):
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     assert "dp-fedavg" in text and "sign-flip" in text and "package.module:Class" in text
+
+
+def test_registry_names_read_without_importing_equal_the_imported_ones():
+    """`run --help` reads each registry's names from its module's source; they must be the
+    names the module really registers."""
+    from tinyfed.config import REGISTRIES, declared_names, registry_names
+
+    for field, target in REGISTRIES.items():
+        module, _, attr = target.partition(":")
+        assert declared_names(module, attr) == registry_names(field), field

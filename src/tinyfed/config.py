@@ -39,12 +39,45 @@ REGISTRIES = {
 IMPORTABLE = {"dataset": "factory", "model": "factory", "strategy": "Class"}
 
 
-def registry_names(field: str) -> tuple[str, ...]:
-    """The names registered for a config field (imported on first use)."""
+def registry_names(field: str, load: bool = True) -> tuple[str, ...]:
+    """The names registered for a config field (imported on first use). With `load=False`
+    (help text) a registry module not imported yet is read, not imported: most import torch,
+    which `tinyfed run --help` should not wait for."""
     import importlib
 
     module, _, attr = REGISTRIES[field].partition(":")
+    if not load and module not in sys.modules:
+        names = declared_names(module, attr)
+        if names is not None:
+            return names
     return tuple(getattr(importlib.import_module(module), attr))
+
+
+def declared_names(module: str, attr: str) -> tuple[str, ...] | None:
+    """The string keys of the dict literal assigned to `attr` in a tinyfed module's source, or
+    None if it is not one (`tests/test_cli_light.py` checks they equal the imported keys)."""
+    import ast
+
+    parts = module.split(".")[1:]
+    base = Path(__file__).resolve().parent.joinpath(*parts)
+    path = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign):
+            target = node.target
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == attr and isinstance(node.value,
+                                                                             ast.Dict):
+            keys = [k.value for k in node.value.keys
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+            return tuple(keys) if len(keys) == len(node.value.keys) else None
+    return None
 
 
 class Config(BaseModel):

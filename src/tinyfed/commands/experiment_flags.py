@@ -33,7 +33,7 @@ def flag_help(name: str) -> str:
     allowed = typing.get_args(field.annotation) \
         if typing.get_origin(field.annotation) is Literal else ()
     if name in REGISTRIES:
-        allowed = registry_names(name)
+        allowed = registry_names(name, load=False)
         if name in IMPORTABLE:
             allowed = (*allowed, f"package.module:{IMPORTABLE[name]}")
     if allowed:
