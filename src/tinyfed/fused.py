@@ -10,7 +10,8 @@ momentum, its first step) and a client algorithm's gradient correction are exact
 `client.train`, so `tests/test_trainers.py` compares the two on every setting.
 
 Vectorizing several clients into one batched computation (`bmm` over stacked weights) was
-measured too and is slower on this CPU than this one-client path (`bench/bench_limit.py`).
+measured too and is slower on this CPU, with autograd (`bench/bench_limit.py`) and with this
+backward (docs/benchmarks.md, section 4), so clients are trained one at a time.
 """
 
 from __future__ import annotations
