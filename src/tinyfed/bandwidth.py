@@ -181,17 +181,27 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int], batch:
     return total + x.numel() * x.element_size()
 
 
+def training_ram(model: nn.Module, input_shape: tuple[int, int, int], batch: int,
+                 optimizer: str, momentum: float) -> dict[str, int]:
+    """What training one batch holds in RAM, by part (the one estimate `tinyfed bandwidth`,
+    `tinyfed fleet` and the simulator's out-of-memory check share)."""
+    params = sum(p.numel() for p in model.parameters())
+    return {"weights": raw_bytes(state_of(model)), "grads": params * 4,
+            "optimizer": optimizer_slots(optimizer, momentum) * params * 4,
+            "activations": activation_bytes(model, input_shape, batch)}
+
+
 def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
     """Parameters, weight storage at fp32/fp16/int8 and an estimate of training RAM."""
     state = state_of(model)
     params = sum(p.numel() for p in model.parameters())
     numel = sum(v.numel() for v in state.values() if v.is_floating_point())
     tensors = sum(1 for v in state.values() if v.is_floating_point())
-    weights = raw_bytes(state)
     slots = optimizer_slots(config.optimizer, config.momentum)
-    grads = params * 4
-    optimizer = slots * params * 4
-    acts = activation_bytes(model, SOURCES[config.dataset].shape, batch)
+    ram = training_ram(model, SOURCES[config.dataset].shape, batch, config.optimizer,
+                       config.momentum)
+    weights, grads, optimizer, acts = (ram["weights"], ram["grads"], ram["optimizer"],
+                                       ram["activations"])
     return {
         "params": params,
         "storage_fp32_bytes": weights,

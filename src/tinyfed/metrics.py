@@ -185,6 +185,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def human_seconds(sec: float) -> str:
+    """A duration as ms, s, min or h, whichever reads best."""
+    if sec < 1:
+        return f"{sec * 1000:.1f} ms"
+    if sec < 120:
+        return f"{sec:.1f} s"
+    return f"{sec / 60:.1f} min" if sec < 7200 else f"{sec / 3600:.1f} h"
+
+
 def records_at(path: str | Path, state: dict[str, Any]) -> list[Record]:
     """The records of a run up to a checkpoint, rebuilt from its metrics file: round records
     1..round and (async) update records up to the checkpoint's count, in file order.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tinyfed.commands.experiment_flags import add_config_flag
 from tinyfed.errors import ConfigError
+from tinyfed.metrics import human_seconds
 
 # The config keys this command reads (flags and help come from the config model).
 KEYS = ("dataset", "model", "clients", "fraction", "rounds", "codec", "down_codec", "down_history",
@@ -83,14 +84,6 @@ def _b(n: float) -> str:
     return f"{human_bytes(n)} ({int(n):,} B)" if n >= 1000 else f"{int(n)} B"
 
 
-def _s(sec: float) -> str:
-    if sec < 1:
-        return f"{sec * 1000:.1f} ms"
-    if sec < 120:
-        return f"{sec:.1f} s"
-    return f"{sec / 60:.1f} min" if sec < 7200 else f"{sec / 3600:.1f} h"
-
-
 def render(out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -136,9 +129,10 @@ def render(out: dict) -> None:
         else:
             fits = "fits" if a["fits_hour"] else "does NOT fit"
             duty = (f"{a['duty_cycle']:g}%: {fits} in an hour; a round every ≥ "
-                    f"{_s(a['min_round_period_seconds'])}")
-        tab.add_row(a["name"], f"{a['up_kbps']:g} / {a['down_kbps']:g}", _s(a["down_seconds"]),
-                    _s(a["up_seconds"]), _s(a["total_seconds"]), duty)
+                    f"{human_seconds(a['min_round_period_seconds'])}")
+        tab.add_row(a["name"], f"{a['up_kbps']:g} / {a['down_kbps']:g}",
+                    human_seconds(a["down_seconds"]), human_seconds(a["up_seconds"]),
+                    human_seconds(a["total_seconds"]), duty)
     con.print(tab)
     for a in out["airtime"]:
         con.print(f"  {a['name']}: {a['assumption']}")

@@ -51,8 +51,7 @@ def render(out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyfed.commands.bandwidth import _s
-    from tinyfed.metrics import human_bytes
+    from tinyfed.metrics import human_bytes, human_seconds
 
     con = Console(width=None if sys.stdout.isatty() else 200)
     codecs = f"up {out['codec'] or 'fp32'}, down {out['down_codec'] or 'fp32'}"
@@ -66,10 +65,11 @@ def render(out: dict) -> None:
     for r in out["profiles"]:
         oom = "" if r["fits_memory"] else " (too small)"
         tab.add_row(r["profile"], str(r["clients"]), f"{r['gflops']:g}",
-                    f"{r['down_kbps']:g} / {r['up_kbps']:g}", _s(r["latency_s"]),
+                    f"{r['down_kbps']:g} / {r['up_kbps']:g}", human_seconds(r["latency_s"]),
                     f"{r['duty_cycle']:g}", r["window"] or "always", f"{r['dropout']:g}",
-                    f"{r['memory_mb']:g} MB{oom}", _s(r["download_s"]), _s(r["compute_s"]),
-                    _s(r["upload_s"]), _s(r["task_s"]),
+                    f"{r['memory_mb']:g} MB{oom}", human_seconds(r["download_s"]),
+                    human_seconds(r["compute_s"]), human_seconds(r["upload_s"]),
+                    human_seconds(r["task_s"]),
                     f"{r['task_j']:.3g} J ({r['radio_j']:.3g} + {r['compute_j']:.3g})")
     con.print(tab)
     con.print(f"a task moves {human_bytes(out['task_down_bytes'])} down and "
@@ -77,6 +77,7 @@ def render(out: dict) -> None:
               f"{out['gflop_per_example'] * 1e3:.3g} MFLOP an example and needs "
               f"{out['train_ram_bytes'] / 1e6:.2f} MB of RAM")
     slow = out["round_slowest_s"]
+    longest = human_seconds(slow) if slow is not None else "— (no device can train)"
     con.print(f"a sync round of {out['round_clients']} clients lasts as long as its slowest "
-              f"device: up to {_s(slow) if slow is not None else '— (no device can train)'}; "
+              f"device: up to {longest}; "
               f"energy about {out['round_energy_j']:.3g} J a round (mean task × C·K)")

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinyfed.bandwidth import activation_bytes
-from tinyfed.client import optimizer_slots
+from tinyfed.bandwidth import training_ram
 from tinyfed.fleet.profiles import Profile
 
 
@@ -36,10 +35,8 @@ class Work:
         with FlopCounterMode(display=False) as counter:
             model(x).sum().backward()
         model.zero_grad(set_to_none=True)
-        params = sum(p.numel() for p in model.parameters())
-        slots = optimizer_slots(optimizer, momentum)
-        ram = params * 4 * (2 + slots) + activation_bytes(model, input_shape, batch)
-        return cls(counter.get_total_flops() / 1e9, ram)
+        ram = training_ram(model, input_shape, batch, optimizer, momentum)
+        return cls(counter.get_total_flops() / 1e9, sum(ram.values()))
 
 
 @dataclass(frozen=True)
