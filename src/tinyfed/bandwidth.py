@@ -200,8 +200,7 @@ def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
     slots = optimizer_slots(config.optimizer, config.momentum)
     ram = training_ram(model, SOURCES[config.dataset].shape, batch, config.optimizer,
                        config.momentum)
-    weights, grads, optimizer, acts = (ram["weights"], ram["grads"], ram["optimizer"],
-                                       ram["activations"])
+    weights = ram["weights"]
     return {
         "params": params,
         "storage_fp32_bytes": weights,
@@ -210,10 +209,10 @@ def footprint(model: nn.Module, config: Config, batch: int) -> dict[str, Any]:
         "batch_size": batch,
         "optimizer": config.optimizer + (f" (momentum {config.momentum})" if slots == 1 else ""),
         "train_weights_bytes": weights,
-        "train_grads_bytes": grads,
-        "train_optimizer_bytes": optimizer,
-        "train_activations_bytes": acts,
-        "train_ram_bytes": weights + grads + optimizer + acts,
+        "train_grads_bytes": ram["grads"],
+        "train_optimizer_bytes": ram["optimizer"],
+        "train_activations_bytes": ram["activations"],
+        "train_ram_bytes": sum(ram.values()),
         "train_ram_source": "weights + grads + optimizer state + activations of one batch "
                             "(forward hooks on the real model); excludes the runtime itself",
     }

@@ -6,9 +6,10 @@ so the in-process, pipe and HTTP runtimes produce bit-identical updates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -109,18 +110,28 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
     }
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's thread count set for a block, then restored (None: left as it is)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              threads: int | None = None) -> dict:
     """Accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted).
     `threads`: torch threads for this call only (training's setting is restored after)."""
-    if threads is not None and threads != torch.get_num_threads():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return evaluate(model, x, y, num_classes)
-        finally:
-            torch.set_num_threads(before)
+    with torch_threads(threads):
+        return _evaluate(model, x, y, num_classes)
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss = 0.0

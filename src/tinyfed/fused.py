@@ -57,11 +57,14 @@ def unfusable(model: nn.Module) -> str | None:
     return None
 
 
-def _plan(model: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
-    """Each Linear with whether a ReLU follows it."""
-    layers = list(model)[1:]
-    return [(layer, i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU)
-            for i, layer in enumerate(layers) if type(layer) is nn.Linear]
+def _layers(model: nn.Sequential) -> list[tuple]:
+    """Per Linear: weight, its transpose (a view: it follows the in-place updates), bias,
+    whether its input came out of a ReLU (its backward masks by that input), and whether a
+    ReLU follows it."""
+    mods = list(model)[1:]
+    return [(m.weight, m.weight.t(), m.bias, i > 0 and type(mods[i - 1]) is nn.ReLU,
+             i + 1 < len(mods) and type(mods[i + 1]) is nn.ReLU)
+            for i, m in enumerate(mods) if type(m) is nn.Linear]
 
 
 @torch.no_grad()
@@ -73,16 +76,12 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     n = len(shard)
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
     gen = torch.Generator().manual_seed(seed)
-    plan = _plan(model)
-    params = [p for layer, _ in plan for p in (layer.weight, layer.bias) if p is not None]
-    # per layer: weight, its transpose (a view: it follows the in-place updates), bias, and
-    # whether the layer's input came out of a ReLU (its backward masks by that input)
-    layers = [(layer.weight, layer.weight.t(), layer.bias, i > 0 and plan[i - 1][1], relu)
-              for i, (layer, relu) in enumerate(plan)]
+    layers = _layers(model)
+    params = [p for w, _, b, _, _ in layers for p in (w, b) if p is not None]
     buffers: list[torch.Tensor] = []
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
     x = shard.x.reshape(n, -1)
-    eye = torch.eye(plan[-1][0].out_features)
+    eye = torch.eye(layers[-1][0].shape[0])  # one-hot rows for the last layer's outputs
     loss_sum = torch.zeros(())
     steps = 0
     for _ in range(settings.epochs):

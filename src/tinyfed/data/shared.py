@@ -43,7 +43,7 @@ class SharedExamples:
 
     @property
     def path(self) -> str:
-        return f"/proc/{'self' if self.pid == os.getpid() else self.pid}/fd/{self.fd}"
+        return f"/proc/{self.pid}/fd/{self.fd}"
 
     @property
     def x_bytes(self) -> int:

@@ -29,28 +29,23 @@ class Forked:
         self.pid = pid
         self.returncode: int | None = None
 
-    def poll(self) -> int | None:
+    def _reap(self, flags: int) -> int | None:
         if self.returncode is None:
             try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                pid, status = os.waitpid(self.pid, flags)
             except ChildProcessError:  # reaped elsewhere: nothing more to learn
                 self.returncode = -1
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
 
     def wait(self, timeout: float | None = None) -> int:
         if timeout is None:
-            while self.returncode is None:
-                try:
-                    _, status = os.waitpid(self.pid, 0)
-                    self.returncode = os.waitstatus_to_exitcode(status)
-                except ChildProcessError:
-                    self.returncode = -1
-                except InterruptedError:
-                    pass
-            return self.returncode
+            return self._reap(0)
         end = time.monotonic() + timeout
         delay = 0.001
         while self.poll() is None:
