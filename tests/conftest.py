@@ -62,6 +62,13 @@ def run_small(tmp_path, name: str, **over):
     return execute(run_dir.saved_config(), run_dir, live=False, stream=io.StringIO())
 
 
+def on_replies(worker, edit) -> None:
+    """Let `edit(task frame, reply) -> reply` see, and rewrite, every reply `worker` gives the
+    in-process runtime (whose one call into it is `handle_many`, clients stacked or not)."""
+    real = worker.handle_many
+    worker.handle_many = lambda frames: [edit(f, r) for f, r in zip(frames, real(frames))]
+
+
 def same_tensors(a, b) -> bool:
     """The same names and bit-identical tensors."""
     import torch

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import small_config
+from tests.conftest import on_replies, small_config
 from tinyfed import wire
 from tinyfed.async_loop import AsyncServer
 from tinyfed.experiment import Experiment
@@ -23,11 +23,15 @@ from tinyfed.runtimes.dispatch import as_runtime
 from tinyfed.runtimes.inprocess import InProcessRuntime
 from tinyfed.server import RoundFailed
 from tinyfed.strategies import make_async_rule
+from tinyfed.worker import configure_torch
 
-ASYNC = dict(mode="async", clients=4, fraction=0.5, concurrency=3)
+# one thread: the in-process runtime runs clients one by one (stacked, its queued clients would
+# finish together), as these tests of arrival order need
+ASYNC = dict(mode="async", clients=4, fraction=0.5, concurrency=3, threads=1)
 
 
 def server_for(cfg, runtime=None) -> AsyncServer:
+    configure_torch(cfg)
     exp = Experiment.build(cfg)
     runtime = as_runtime(runtime or InProcessRuntime(cfg), cfg.round_timeout)
     runtime.start(exp)
@@ -117,10 +121,8 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path):
 
 def tamper_first(runtime: InProcessRuntime, client_id_box: list) -> None:
     """Make the first task's update carry a NaN: the wire checks must reject it."""
-    real = runtime.worker.handle
 
-    def handle(frame: bytes) -> bytes:
-        reply = real(frame)
+    def edit(frame: bytes, reply: bytes) -> bytes:
         if client_id_box:
             return reply
         msg = wire.decode_frame(reply)
@@ -128,7 +130,7 @@ def tamper_first(runtime: InProcessRuntime, client_id_box: list) -> None:
         bad = {k: torch.full_like(v, float("nan")) for k, v in msg.tensors.items()}
         return wire.encode_frame(msg.kind, msg.header, wire.encode_tensors(bad))
 
-    runtime.worker.handle = handle
+    on_replies(runtime.worker, edit)
 
 
 def test_rejected_update_leaves_model_untouched():

@@ -38,16 +38,17 @@ def counted(monkeypatch):
     """Every frame the in-process runtime hands a client and every reply, by round: the bytes a
     link would carry (the device-memory section, a simulated device's own state, is not)."""
     seen: dict[int, list[int]] = {}
-    original = ClientWorker.handle
+    original = ClientWorker.handle_many
 
-    def handle(self, frame: bytes) -> bytes:
-        reply = original(self, frame)
-        task, update = wire.decode_frame(frame), wire.decode_frame(reply)
-        down, up = seen.setdefault(task.header["round"], [0, 0])
-        seen[task.header["round"]] = [down + task.radio_bytes, up + update.radio_bytes]
-        return reply
+    def handle_many(self, frames: list[bytes]) -> list[bytes]:
+        replies = original(self, frames)
+        for frame, reply in zip(frames, replies):
+            task, update = wire.decode_frame(frame), wire.decode_frame(reply)
+            down, up = seen.setdefault(task.header["round"], [0, 0])
+            seen[task.header["round"]] = [down + task.radio_bytes, up + update.radio_bytes]
+        return replies
 
-    monkeypatch.setattr(ClientWorker, "handle", handle)
+    monkeypatch.setattr(ClientWorker, "handle_many", handle_many)
     return seen
 
 

@@ -107,9 +107,10 @@ class Config(BaseModel):
     batch_size: int = Field(10, ge=0, description="local batch size B; 0 = the whole shard "
                             "(FedSGD)")
     optimizer: str = Field("sgd", description="client optimizer")
-    trainer: Literal["auto", "fused", "autograd"] = Field(
+    trainer: Literal["auto", "vectorized", "fused", "autograd"] = Field(
         "auto", description="local training: fused (Linear/ReLU models with SGD, no autograd), "
-        "autograd (any model), or auto (fused where it can)")
+        "vectorized (fused, a round's clients stacked into one computation; in-process), "
+        "autograd (any model), or auto (the fastest that can)")
     lr: float = Field(0.05, gt=0, description="client learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client weight decay")
@@ -151,8 +152,8 @@ class Config(BaseModel):
     deterministic: bool = Field(False, description="one thread per client: bit-identical "
                                 "results across runtimes")
     threads: int = Field(
-        1, ge=0, description="torch threads for in-process training; 0 = torch's default"
-    )
+        0, ge=0, description="torch threads for in-process training; 0 = torch's default "
+        "(one per core)")
     eval_threads: int = Field(
         0, ge=0, description="torch threads for the server's test-set evaluation; 0 = one per "
         "core (1 with deterministic)")

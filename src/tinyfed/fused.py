@@ -9,9 +9,8 @@ are the same, their summation order may differ); the data order, the SGD rule (w
 momentum, its first step) and a client algorithm's gradient correction are exactly those of
 `client.train`, so `tests/test_trainers.py` compares the two on every setting.
 
-Vectorizing several clients into one batched computation (`bmm` over stacked weights) was
-measured too and is slower on this CPU, with autograd (`bench/bench_limit.py`) and with this
-backward (docs/benchmarks.md, section 4), so clients are trained one at a time.
+Several clients at once (this arithmetic over stacked weights) is `tinyfed.vectorized`: faster
+on more than one thread, slower on one (docs/benchmarks.md, section 4).
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def unfusable(model: nn.Module) -> str | None:
     return None
 
 
-def _layers(model: nn.Sequential) -> list[tuple]:
+def linear_layers(model: nn.Sequential) -> list[tuple]:
     """Per Linear: weight, its transpose (a view: it follows the in-place updates), bias,
     whether its input came out of a ReLU (its backward masks by that input), and whether a
     ReLU follows it."""
@@ -76,7 +75,7 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     n = len(shard)
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
     gen = torch.Generator().manual_seed(seed)
-    layers = _layers(model)
+    layers = linear_layers(model)
     params = [p for w, _, b, _, _ in layers for p in (w, b) if p is not None]
     buffers: list[torch.Tensor] = []
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tinyfed import wire
 from tinyfed.algorithms import client_algorithm
 from tinyfed.attacks import attack_of
@@ -29,6 +31,7 @@ from tinyfed.errors import WireError
 from tinyfed.faults import injected
 from tinyfed.models import build_model, state_of
 from tinyfed.trainers import choose
+from tinyfed.vectorized import train_stacked
 from tinyfed.wire import Kind, Tensors, TensorSpec
 
 MAX_ID = 2**31 - 1
@@ -221,30 +224,68 @@ class ClientWorker:
 
     def handle(self, frame: bytes) -> bytes:
         """Task frame in, update (or failure) frame out. Never raises for a bad task."""
-        try:
-            msg = wire.decode_frame(frame, self.max_frame)
-            if msg.kind != Kind.TASK:
-                raise WireError(f"expected a task frame, got {msg.kind.name}")
-            task = ClientTask.from_header(msg.header)
-        except WireError as exc:
-            return wire.encode_frame(Kind.FAILURE, {"reason": f"bad task: {exc}"})
-        fault = injected(task.client_id, task.round)  # the test hook: None in normal use
-        if fault is not None:
-            return fault
-        try:
-            return self.run(task, msg.tensors, msg.memory)
-        except Exception as exc:  # a client's crash is its round's failure, not the server's
-            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            return wire.encode_frame(
-                Kind.FAILURE,
-                {
-                    "client_id": task.client_id,
-                    "round": task.round,
-                    "reason": f"client error: {last}",
-                },
-            )
+        return self.handle_many([frame])[0]
 
-    def run(self, task: ClientTask, payload: Tensors, memory: Tensors | None = None) -> bytes:
+    def handle_many(self, frames: list[bytes]) -> list[bytes]:
+        """Task frames in, update (or failure) frames out, in order. Clients that share their
+        settings train as one stacked computation where `trainers.choose` says stacking pays
+        (`tinyfed.vectorized`); the rest (one client alone, a client algorithm that corrects
+        gradients) one by one. One bad task fails alone; this never raises for a bad task."""
+        out: list[bytes | None] = [None] * len(frames)
+        groups: dict[TrainSettings, list[tuple[int, _Prepared]]] = {}
+        for i, frame in enumerate(frames):
+            try:
+                msg = wire.decode_frame(frame, self.max_frame)
+                if msg.kind != Kind.TASK:
+                    raise WireError(f"expected a task frame, got {msg.kind.name}")
+                task = ClientTask.from_header(msg.header)
+            except WireError as exc:
+                out[i] = wire.encode_frame(Kind.FAILURE, {"reason": f"bad task: {exc}"})
+                continue
+            out[i] = injected(task.client_id, task.round)  # the test hook: None in normal use
+            if out[i] is not None:
+                continue
+            try:
+                job = self.prepare(task, msg.tensors, msg.memory)
+                if self._stacks(job):
+                    groups.setdefault(task.settings, []).append((i, job))
+                else:
+                    out[i] = self.complete(job, *self.train_one(job))
+            except Exception as exc:  # a client's crash is its round's failure, not the server's
+                out[i] = _failed(task, exc)
+        for settings, members in groups.items():
+            try:
+                if len(members) == 1:  # alone, the one-client trainer is the faster
+                    self.model.load_state_dict(members[0][1].start)  # later tasks loaded theirs
+                    trained = [self.train_one(members[0][1])]
+                else:
+                    trained = train_stacked(self.model, [job.start for _, job in members],
+                                            [job.shard for _, job in members], settings,
+                                            [job.task.seed for _, job in members])
+            except Exception as exc:
+                for i, job in members:
+                    out[i] = _failed(job.task, exc)
+                continue
+            for (i, job), (local, metrics) in zip(members, trained):
+                try:
+                    out[i] = self.complete(job, local, metrics)
+                except Exception as exc:
+                    out[i] = _failed(job.task, exc)
+        return out  # type: ignore[return-value]
+
+    def _stacks(self, job: _Prepared) -> bool:
+        """Whether this client may join a stacked computation: the trainer choice for its
+        settings says stacking pays, and nothing corrects its gradients step by step."""
+        settings = job.task.settings
+        choice = choose(self.model, self.trainer, settings.optimizer,
+                        threads=torch.get_num_threads(), batch_size=settings.batch_size,
+                        stacking=True)
+        return choice.stacks and job.correct is None and len(job.shard) > 0
+
+    def prepare(self, task: ClientTask, payload: Tensors,
+                memory: Tensors | None = None) -> _Prepared:
+        """The task's global weights decoded, checked and loaded into the model; its shard
+        (poisoned, for an attack); its client algorithm's gradient correction."""
         algorithm = client_algorithm(task.algorithm)
         attack = attack_of(task.attack)
         payload, extras = split_extras(payload)
@@ -270,22 +311,32 @@ class ClientWorker:
         if attack is not None:
             shard = attack.poison(shard, self.num_classes)
         correct = algorithm.prepare(self.model, global_weights, extras, task)
-        trainer = choose(self.model, self.trainer, task.settings.optimizer)
-        metrics = trainer.train(self.model, shard, task.settings, task.seed, correct)
-        local = state_of(self.model)
-        local, extras_out = algorithm.finish(local, global_weights, extras, task, metrics)
-        if attack is not None:
-            local = attack.forge(local, global_weights, task.seed,
-                                 task.params.get("attack_scale", 1.0))
-        encoded = parse_pipeline(task.codec, WireError).encode(local, global_weights, state,
+        return _Prepared(task, algorithm, attack, global_weights, extras, state, shard, correct)
+
+    def train_one(self, job: _Prepared) -> tuple[Tensors, dict[str, float]]:
+        """One client trained alone, on the model as `prepare` left it (its start weights)."""
+        trainer = choose(self.model, self.trainer, job.task.settings.optimizer)
+        metrics = trainer.train(self.model, job.shard, job.task.settings, job.task.seed,
+                                job.correct)
+        return state_of(self.model), metrics
+
+    def complete(self, job: _Prepared, local: Tensors, metrics: dict[str, float]) -> bytes:
+        """The trained weights through the client algorithm, an attack's forgery and the
+        update codec, as an update frame."""
+        task = job.task
+        local, extras_out = job.algorithm.finish(local, job.start, job.extras, task, metrics)
+        if job.attack is not None:
+            local = job.attack.forge(local, job.start, task.seed,
+                                     task.params.get("attack_scale", 1.0))
+        encoded = parse_pipeline(task.codec, WireError).encode(local, job.start, job.state,
                                                                seed=task.seed)
         body, memory_bytes = wire.join_memory(
-            wire.encode_tensors(with_extras(encoded, extras_out)), memory_tensors(state))
+            wire.encode_tensors(with_extras(encoded, extras_out)), memory_tensors(job.state))
         header = {
             "client_id": task.client_id,
             "round": task.round,
             "version": task.version,
-            "num_examples": len(shard),
+            "num_examples": len(job.shard),
             "codec": task.codec,
             # wall-clock time stays local: it would make frame sizes differ run to run
             "metrics": {k: v for k, v in metrics.items() if k != "train_seconds"},
@@ -293,6 +344,27 @@ class ClientWorker:
         if memory_bytes:
             header[wire.MEMORY_FIELD] = memory_bytes
         return wire.encode_frame(Kind.UPDATE, header, body)
+
+
+@dataclass
+class _Prepared:
+    """A task between decoding and training: what training and the update frame need."""
+
+    task: ClientTask
+    algorithm: Any
+    attack: Any
+    start: Tensors  # the global weights this client starts from (checked)
+    extras: Tensors
+    state: Tensors  # the device memory the task brought (codec state)
+    shard: Shard
+    correct: Callable[[], None] | None
+
+
+def _failed(task: ClientTask, exc: Exception) -> bytes:
+    """A client's crash as its failure frame."""
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return wire.encode_frame(Kind.FAILURE, {"client_id": task.client_id, "round": task.round,
+                                            "reason": f"client error: {last}"})
 
 
 @dataclass

@@ -119,7 +119,9 @@ def execute(
             runtime.warm()  # workers import torch while the data loads
         preload_plot()  # after warm(): a fork needs this process to have one thread
         experiment = Experiment.build(config)
-        trainer = choose(experiment.new_model(), config.trainer, config.optimizer)
+        stacking = getattr(runtime, "stacking", None)  # a runtime that stacks clients says so
+        trainer = choose(experiment.new_model(), config.trainer, config.optimizer,
+                         **(stacking(config) if stacking else {}))
     except BaseException:
         runtime.close()
         raise

@@ -1,8 +1,9 @@
 """Which local trainer a client runs: the fused one where the model and optimizer allow it
 (`tinyfed.fused`: no autograd, 1.6× the samples/s on the 2NN at B=10), else the general
-autograd loop (`client.train`). The config's `trainer` forces either; the choice and its
-reason are in the run's report, and every runtime makes the same choice from the same config,
-so results stay bit-identical across runtimes."""
+autograd loop (`client.train`); and whether a worker given several clients at once trains them
+as one stacked computation (`tinyfed.vectorized`). The config's `trainer` forces any of them;
+the choice and its reason are in the run's report, and every runtime makes the same choice from
+the same config and thread count, so results stay bit-identical across runtimes."""
 
 from __future__ import annotations
 
@@ -14,20 +15,25 @@ from torch import nn
 from tinyfed.client import train
 from tinyfed.errors import ConfigError
 from tinyfed.fused import train_fused, unfusable
+from tinyfed.vectorized import stacking_pays
 
-TRAINERS = ("auto", "fused", "autograd")
+TRAINERS = ("auto", "vectorized", "fused", "autograd")
 
 
 @dataclass(frozen=True)
 class Choice:
-    name: str  # "fused" or "autograd": what runs
+    name: str  # "vectorized", "fused" or "autograd": what runs
     reason: str  # why, for the report
-    train: Callable
+    train: Callable  # one client's trainer
+    stacks: bool = False  # clients handed over together train as one stacked computation
 
 
-def choose(model: nn.Module, wanted: str, optimizer: str) -> Choice:
-    """The trainer for `model` under the config's `trainer` and `optimizer`. Forcing 'fused'
-    on what it cannot train is a config error, never a silent fallback or a wrong result."""
+def choose(model: nn.Module, wanted: str, optimizer: str, threads: int = 1,
+           batch_size: int = 0, stacking: bool = False) -> Choice:
+    """The trainer for `model` under the config's `trainer` and `optimizer`; `stacking`: the
+    runtime hands a worker several clients at once, on `threads` torch threads, at
+    `batch_size`. Forcing 'fused' or 'vectorized' on what they cannot train is a config error,
+    never a silent fallback or a wrong result."""
     if wanted not in TRAINERS:
         raise ConfigError(f"trainer {wanted!r} is unknown; allowed: {', '.join(TRAINERS)}")
     if wanted == "autograd":
@@ -35,11 +41,21 @@ def choose(model: nn.Module, wanted: str, optimizer: str) -> Choice:
     why = unfusable(model)
     if why is None and optimizer != "sgd":
         why = f"the optimizer is {optimizer}, not sgd"
-    if why is None:
-        return Choice("fused", "Linear/ReLU stack with SGD: backward written out, no autograd",
-                      train_fused)
-    if wanted == "fused":
-        raise ConfigError(f"trainer 'fused' cannot train this model: {why}; it trains "
-                          f"nn.Flatten + nn.Linear/nn.ReLU stacks with SGD (use 'auto' or "
-                          f"'autograd')")
-    return Choice("autograd", f"not fusable: {why}", train)
+    if why is not None:
+        if wanted != "auto":
+            raise ConfigError(f"trainer {wanted!r} cannot train this model: {why}; it trains "
+                              f"nn.Flatten + nn.Linear/nn.ReLU stacks with SGD (use 'auto' or "
+                              f"'autograd')")
+        return Choice("autograd", f"not fusable: {why}", train)
+    if wanted == "vectorized":
+        if stacking:
+            return Choice("vectorized", "chosen by the config: a round's clients as one "
+                          "stacked computation", train_fused, stacks=True)
+        return Choice("fused", "vectorized asked for, but this runtime hands each worker one "
+                      "client at a time", train_fused)
+    if wanted == "auto" and stacking and stacking_pays(threads, batch_size):
+        return Choice("vectorized", f"Linear/ReLU stack with SGD on {threads} threads at "
+                      f"B={batch_size}: a round's clients as one stacked computation",
+                      train_fused, stacks=True)
+    return Choice("fused", "Linear/ReLU stack with SGD: backward written out, no autograd",
+                  train_fused)

@@ -7,6 +7,8 @@ between runtimes (they once did: the copies disagreed on which codecs keep state
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tinyfed.client import Shard
@@ -19,14 +21,14 @@ from tinyfed.trainers import choose
 
 def configure_torch(config: Config, threads: int | None = None) -> None:
     """One thread and deterministic kernels when results must be bit-identical across
-    runtimes; else `threads` (the caller's share of the cores), or the config's `threads`."""
+    runtimes; else `threads` (the caller's share of the cores), or the config's `threads`
+    (0: one per core)."""
     if config.deterministic:
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
         return
     wanted = threads if threads is not None else config.threads
-    if wanted:
-        torch.set_num_threads(max(1, int(wanted)))
+    torch.set_num_threads(max(1, int(wanted or os.cpu_count() or 1)))
 
 
 def build_worker(config: Config, threads: int | None = None,

@@ -1,0 +1,214 @@
+"""Several clients of a round trained as one batched computation (stacked weights, `bmm`).
+
+Why: one client's step on the 2NN at B=10 is a handful of small matrix products, too small for
+a second thread to help (`bench/bench_vectorized.py`); the same step for ten clients stacked is
+one set of batched products that two threads share. On one thread stacking is slower (the
+batched kernels are less tuned than the plain ones at these sizes), so `trainers.choose` stacks
+only when torch has more than one thread.
+
+What each client keeps: its own data order (its own seed, one permutation per epoch, as in
+`client.train`), its own shard size (shards are padded to the longest; padded rows weigh 0 in
+the gradient, a short client stops stepping when its batches run out: the clients are sorted by
+their number of steps, so the ones still stepping are always a prefix of the stack), and its
+own SGD state. The arithmetic is `fused.train_fused`'s, so the updates equal training the
+clients one by one to float tolerance (`tests/test_vectorized.py`), and a run is bit-identical
+run to run. Clients are stacked only when they share their settings (lr, epochs, batch size,
+momentum, weight decay): callers group them by settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tinyfed.client import Shard, TrainSettings
+from tinyfed.fused import linear_layers, train_fused
+
+Tensors = dict[str, torch.Tensor]
+# A round's clients are stacked in chunks: as many as keep the state every step touches
+# (weights, gradients, momentum, one step's activations) within about this machine's last-level
+# cache (32 MiB; ten 2NN clients, 16 MB, measured fastest: thirty at once were 0.9× one by one,
+# `bench/bench_vectorized.py`), and whatever fits `MEMORY` with one epoch of their batches.
+CACHE = 16 * 2**20
+MEMORY = 128 * 2**20
+STACK_MAX_BATCH = 20  # at larger batches one client's products already use two threads well
+
+
+def stacking_pays(threads: int, batch_size: int) -> bool:
+    """Whether stacking beats one client at a time, as measured on the 2NN (docs/benchmarks.md,
+    section 4): at B=10 on two threads 1.4×; on one thread 0.93×, at B=50 0.9×, FedSGD 1.0×."""
+    return threads > 1 and 0 < batch_size <= STACK_MAX_BATCH
+
+
+def _steps(n: int, settings: TrainSettings) -> tuple[int, int]:
+    """(batch size, steps per epoch) for a shard of n examples: `client.train`'s batching."""
+    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    return batch, math.ceil(n / batch)
+
+
+def footprint(model: nn.Module, shards: Sequence[Shard], settings: TrainSettings
+              ) -> tuple[int, int]:
+    """Bytes one client adds to a stacked computation: (the state every step touches: its
+    weights, gradients, momentum and one step's activations; one epoch of its batches padded
+    to the widest batch and step count, with their one-hot targets and row weights)."""
+    params = sum(p.numel() for p in model.parameters())
+    widths = [w.shape[0] for w, *_ in linear_layers(model)]
+    features = linear_layers(model)[0][0].shape[1]
+    shapes = [_steps(len(s), settings) for s in shards]
+    batch = max(b for b, _ in shapes)
+    steps = max(s for _, s in shapes)
+    slots = 3 if settings.momentum else 2
+    return (4 * (params * slots + 3 * batch * sum(widths)),
+            4 * steps * batch * (features + widths[-1] + 1))
+
+
+def chunk_size(model: nn.Module, shards: Sequence[Shard], settings: TrainSettings) -> int:
+    """Clients per stacked computation: within `CACHE` and `MEMORY`, at least one."""
+    hot, data = footprint(model, shards, settings)
+    return max(1, min(CACHE // hot, MEMORY // (hot + data)))
+
+
+@torch.no_grad()
+def train_stacked(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[Shard],
+                  settings: TrainSettings, seeds: Sequence[int],
+                  chunk: int | None = None) -> list[tuple[Tensors, dict[str, float]]]:
+    """Train each client from its start weights (`model`'s state-dict names; `model` itself
+    is not changed) on its shard with `client.train`'s data order and SGD rule; return each
+    client's weights and metrics, in the order given. The clients are stacked `chunk` at a time
+    (default: `chunk_size`). `train_seconds` is the chunk's wall time shared equally: stacked
+    clients have no time of their own."""
+    order = sorted(range(len(shards)), key=lambda i: -_steps(len(shards[i]), settings)[1])
+    out: list[tuple[Tensors, dict[str, float]] | None] = [None] * len(shards)
+    size = chunk or chunk_size(model, shards, settings)
+    train = _train_chunk if size > 1 else _train_alone  # alone, the one-client trainer is faster
+    for part in (order[i : i + size] for i in range(0, len(order), size)):
+        results = train(model, [starts[i] for i in part], [shards[i] for i in part],
+                        settings, [seeds[i] for i in part])
+        for i, result in zip(part, results):
+            out[i] = result
+    return out  # type: ignore[return-value]
+
+
+def _train_alone(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[Shard],
+                 settings: TrainSettings, seeds: Sequence[int]) -> list[tuple[Tensors, dict]]:
+    """Clients one at a time with `fused.train_fused`, on a copy of `model`."""
+    alone = copy.deepcopy(model)
+    out = []
+    for start, shard, seed in zip(starts, shards, seeds):
+        alone.load_state_dict(start)
+        metrics = train_fused(alone, shard, settings, seed)
+        out.append(({k: v.detach().clone() for k, v in alone.state_dict().items()}, metrics))
+    return out
+
+
+def _padded(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """`rows` followed by zero rows up to `length`."""
+    if len(rows) == length:
+        return rows
+    out = rows.new_zeros((length, *rows.shape[1:]))
+    out[: len(rows)] = rows
+    return out
+
+
+def _names(model: nn.Module) -> list[tuple[str, str | None]]:
+    """State-dict names of (weight, bias) per Linear, in `linear_layers` order."""
+    return [(f"{i}.weight", f"{i}.bias" if m.bias is not None else None)
+            for i, m in enumerate(model) if type(m) is nn.Linear]
+
+
+def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[Shard],
+                 settings: TrainSettings, seeds: Sequence[int]) -> list[tuple[Tensors, dict]]:
+    """One stacked computation; `shards` sorted by steps per epoch, longest first."""
+    start = time.perf_counter()
+    k = len(shards)
+    layers = linear_layers(model)
+    names = _names(model)
+    relu_in = [masked for *_, masked, _ in layers]
+    relu_out = [relu for *_, relu in layers]
+    weights = [torch.stack([s[w] for s in starts]) for w, _ in names]
+    biases = [torch.stack([s[b] for s in starts]) if b else None for _, b in names]
+    params = [p for w, b in zip(weights, biases) for p in (w, b) if p is not None]
+    shapes = [_steps(len(s), settings) for s in shards]
+    batch = max(b for b, _ in shapes)
+    steps = shapes[0][1]
+    active = [sum(1 for _, n in shapes if n > s) for s in range(steps)]  # a prefix per step
+    classes = weights[-1].shape[1]
+    features = weights[0].shape[2]
+    eye = torch.eye(classes)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
+    buffers: list[torch.Tensor] = []
+    loss_sum = torch.zeros(k)
+    views: dict[int, list[torch.Tensor]] = {}  # params[:m] per prefix length m
+    for _ in range(settings.epochs):
+        xs = torch.zeros(steps, k, batch, features)
+        hot = torch.zeros(steps, k, batch, classes)
+        weigh = torch.zeros(steps, k, batch, 1)  # 1/len of a row's batch; 0 for padding
+        for i, (shard, (b, n_steps)) in enumerate(zip(shards, shapes)):
+            n = len(shard)
+            order = torch.randperm(n, generator=gens[i])
+            xs[:n_steps, i, :b] = _padded(shard.x.reshape(n, -1)[order], n_steps * b
+                                          ).view(n_steps, b, features)
+            hot[:n_steps, i, :b] = _padded(eye[shard.y[order]], n_steps * b
+                                           ).view(n_steps, b, classes)
+            sizes = torch.full((n_steps, 1), float(b))
+            sizes[-1] = n - b * (n_steps - 1)
+            weigh[:n_steps, i, :b, 0] = _padded(torch.ones(n), n_steps * b
+                                                ).view(n_steps, b) / sizes
+        loss_sum.zero_()
+        for s in range(steps):
+            m = active[s]
+            a, target = xs[s, :m], hot[s, :m]
+            acts = []
+            for li, (w, bias) in enumerate(zip(weights, biases)):
+                acts.append(a)
+                wt = w[:m].transpose(1, 2)
+                a = torch.baddbmm(bias[:m, None], a, wt) if bias is not None else a @ wt
+                if relu_out[li]:
+                    a.relu_()
+            logp = a.log_softmax(2)
+            loss_sum[:m].sub_((logp * target).sum((1, 2)))
+            g = logp.exp_().sub_(target).mul_(weigh[s, :m])
+            grads: list[torch.Tensor] = []
+            for li in reversed(range(len(weights))):
+                x_in = acts[li]
+                if biases[li] is not None:
+                    grads.append(g.sum(1))
+                grads.append(g.transpose(1, 2) @ x_in)
+                if li:
+                    g = g @ weights[li][:m]
+                    if relu_in[li]:
+                        g.mul_(x_in > 0)
+            grads.reverse()
+            if m not in views:
+                views[m] = [p[:m] for p in params]
+            ps = views[m]
+            if wd:
+                torch._foreach_add_(grads, ps, alpha=wd)
+            if mu:
+                if buffers:
+                    bufs = [buf[:m] for buf in buffers]
+                    torch._foreach_mul_(bufs, mu)
+                    torch._foreach_add_(bufs, grads)
+                else:  # the first step: every client steps, its buffer is its gradient
+                    buffers = [grad.clone() for grad in grads]
+                    bufs = buffers
+                grads = bufs
+            torch._foreach_add_(ps, grads, alpha=-lr)
+    seconds = (time.perf_counter() - start) / k
+    results = []
+    for i, shard in enumerate(shards):
+        state: Tensors = {}
+        for (wname, bname), w, bias in zip(names, weights, biases):
+            state[wname] = w[i].clone()
+            if bname is not None:
+                state[bname] = bias[i].clone()
+        results.append((state, {"train_loss": float(loss_sum[i]) / max(len(shard), 1),
+                                "steps": settings.epochs * shapes[i][1],
+                                "train_seconds": seconds}))
+    return results
