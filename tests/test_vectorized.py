@@ -161,6 +161,9 @@ def test_in_process_runs_stacked_agree_with_one_by_one_and_the_report_says_which
     fused = run_small(tmp_path, "fused", trainer="fused", momentum=0.5, batch_size=8)
     close(fused.weights, stacked.weights, tol=1e-4)
     assert "client trainer   vectorized (chosen by the config" in summary(stacked)
+    assert "; 8 of 8 tasks stacked)" in summary(stacked)  # 4 clients × 2 rounds
+    prox = run_small(tmp_path, "prox", trainer="vectorized", strategy="fedprox", batch_size=8)
+    assert "; 0 of 8 tasks stacked, the others alone" in summary(prox)
     again = run_small(tmp_path, "again", trainer="vectorized", momentum=0.5, batch_size=8,
                       deterministic=True)
     twice = run_small(tmp_path, "twice", trainer="vectorized", momentum=0.5, batch_size=8,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +217,7 @@ class ClientWorker:
         self.shards = shards
         self.max_frame = max_frame
         self._shard_cache: dict[int, Shard] = {}
+        self.tally: Counter[str] = Counter()  # tasks trained "stacked" and "alone", for reports
 
     def shard(self, client_id: int) -> Shard:
         if client_id not in self._shard_cache:
@@ -250,10 +252,12 @@ class ClientWorker:
                 if self._stacks(job):
                     groups.setdefault(task.settings, []).append((i, job))
                 else:
+                    self.tally["alone"] += 1
                     out[i] = self.complete(job, *self.train_one(job))
             except Exception as exc:  # a client's crash is its round's failure, not the server's
                 out[i] = _failed(task, exc)
         for settings, members in groups.items():
+            self.tally["alone" if len(members) == 1 else "stacked"] += len(members)
             try:
                 if len(members) == 1:  # alone, the one-client trainer is the faster
                     self.model.load_state_dict(members[0][1].start)  # later tasks loaded theirs

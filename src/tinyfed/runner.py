@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from tinyfed.checkpoint import save_weights
@@ -150,6 +150,12 @@ def execute(
             server.run()
     finally:
         runtime.close()
+    tally = getattr(runtime, "tally", None)  # a runtime that stacks clients counts them
+    if trainer.stacks and tally:
+        alone = (", the others alone (by themselves in a batch, or with a client algorithm "
+                 "that corrects gradients)" if tally["alone"] else "")
+        trainer = replace(trainer, reason=f"{trainer.reason}; {tally['stacked']} of "
+                          f"{tally['stacked'] + tally['alone']} tasks stacked{alone}")
     save_weights(run_dir.model, server.state.weights)
     codecs = config.codec or config.down_codec  # then the plot shows the fp32 baseline too
     write_plot(run_dir, server.state.records,

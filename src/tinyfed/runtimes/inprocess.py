@@ -13,7 +13,7 @@ deadline then applies to the batch: its jobs start together and finish together.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 import torch
 
@@ -32,6 +32,7 @@ class InProcessRuntime:
         self.done: deque[Delivery] = deque()  # a stacked batch's results, not yet received
         self.crc = wire.CrcMemo()
         self.stacks = False  # hand the worker every queued job at once
+        self.tally: Counter[str] = Counter()  # tasks the worker trained stacked and alone
 
     def start(self, experiment: Experiment) -> None:
         config, ds = experiment.config, experiment.dataset
@@ -40,6 +41,7 @@ class InProcessRuntime:
                                    trainer=config.trainer)
         self.stacks = choose(self.worker.model, config.trainer, config.optimizer,
                              **self.stacking(config)).stacks
+        self.tally = self.worker.tally  # outlives the worker, for the run's report
 
     @staticmethod
     def stacking(config) -> dict:
