@@ -25,9 +25,9 @@ from tinyfed.server import RoundFailed
 from tinyfed.strategies import make_async_rule
 from tinyfed.worker import configure_torch
 
-# one thread: the in-process runtime runs clients one by one (stacked, its queued clients would
-# finish together), as these tests of arrival order need
-ASYNC = dict(mode="async", clients=4, fraction=0.5, concurrency=3, threads=1)
+# the fused trainer: the in-process runtime runs clients one by one (stacked, its queued clients
+# would finish together), as these tests of arrival order need
+ASYNC = dict(mode="async", clients=4, fraction=0.5, concurrency=3, trainer="fused")
 
 
 def server_for(cfg, runtime=None) -> AsyncServer:

@@ -118,10 +118,10 @@ def read_metrics(path: Path) -> list[dict]:
 def test_run_with_dashboard_plots_live_rounds_that_match_metrics(browser, tmp_path, cli_env):
     out = tmp_path / "run"
     # client 3 answers round 2 after 4 s: the page must show that round in progress meanwhile
-    # (on one thread clients train one by one; stacked, a round's clients arrive together)
+    # (the fused trainer: clients one by one; stacked, a round's clients arrive together)
     env = {**cli_env, "TINYFED_TEST_FAULT": "sleep=4:3:2"}
     run = Proc(["run", "--dataset", "synthetic", "--set", "synthetic_size=600", "--model",
-                "mlp128", "--clients", "4", "--rounds", "4", "--seed", "5", "--threads", "1",
+                "mlp128", "--clients", "4", "--rounds", "4", "--seed", "5", "--trainer", "fused",
                 "--plain", "--out", str(out), "--dashboard", "--dashboard-port", "0"],
                env, tmp_path)
     try:

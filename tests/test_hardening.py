@@ -226,9 +226,9 @@ def test_norm_guard_bounds_by_the_model_norm_before_any_history():
 def test_retry_reruns_only_the_failed_clients(tmp_path):
     """min_clients = all: client 2's rejected update makes the round retry, and only client 2
     is asked again (the others' updates are kept, not thrown away)."""
-    # one thread: clients one by one, so the retried client alone trains bit for bit as it
-    # would have among the others (stacked, it would match to float tolerance only)
-    one = dict(rounds=1, min_clients=4, round_retries=2, threads=1)
+    # the fused trainer: clients one by one, so the retried client alone trains bit for bit as
+    # it would have among the others (stacked, it would match to float tolerance only)
+    one = dict(rounds=1, min_clients=4, round_retries=2, trainer="fused")
     cfg = small_config(**one)
     seen = []
 

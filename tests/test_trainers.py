@@ -158,9 +158,11 @@ def test_runs_on_either_trainer_agree_and_the_report_says_which(tmp_path):
     tolerance, the path named in the report."""
     from tinyfed.runner import summary
 
-    fused = run_small(tmp_path, "fused", trainer="fused", momentum=0.5, threads=1)
-    auto = run_small(tmp_path, "auto", momentum=0.5, threads=1)  # one thread: not stacked
-    slow = run_small(tmp_path, "autograd", trainer="autograd", momentum=0.5)
+    # one thread at B=50: auto trains one client at a time (it would stack at smaller batches)
+    same = dict(momentum=0.5, threads=1, batch_size=50)
+    fused = run_small(tmp_path, "fused", trainer="fused", **same)
+    auto = run_small(tmp_path, "auto", **same)
+    slow = run_small(tmp_path, "autograd", trainer="autograd", **same)
     assert same_tensors(fused.weights, auto.weights)
     close(slow.weights, fused.weights, tol=1e-4)
     assert "client trainer   fused" in summary(fused)

@@ -107,8 +107,10 @@ def test_stacking_is_chosen_only_where_it_pays():
     m = two_nn()
     where = dict(stacking=True, batch_size=10)
     assert choose(m, "auto", "sgd", threads=2, **where).name == "vectorized"
-    assert choose(m, "auto", "sgd", threads=1, **where).name == "fused"  # slower on 1 thread
-    assert choose(m, "auto", "sgd", threads=2, stacking=True, batch_size=50).name == "fused"
+    assert choose(m, "auto", "sgd", threads=1, **where).name == "vectorized"
+    assert choose(m, "auto", "sgd", threads=1, stacking=True, batch_size=50).name == "fused"
+    assert choose(m, "auto", "sgd", threads=2, stacking=True, batch_size=50).name == "vectorized"
+    assert choose(m, "auto", "sgd", threads=4, stacking=True, batch_size=60).name == "fused"
     assert choose(m, "auto", "sgd", threads=2, stacking=True, batch_size=0).name == "fused"
     assert choose(m, "auto", "sgd", threads=2, batch_size=10).name == "fused"  # one at a time
     forced = choose(m, "vectorized", "sgd", threads=1, **where)

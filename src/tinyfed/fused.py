@@ -79,6 +79,7 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     params = [p for w, _, b, _, _ in layers for p in (w, b) if p is not None]
     buffers: list[torch.Tensor] = []
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
+    plain = not mu and not wd and correct is None  # w -= lr·∇, fused into ∇'s product
     x = shard.x.reshape(n, -1)
     eye = torch.eye(layers[-1][0].shape[0])  # one-hot rows for the last layer's outputs
     loss_sum = torch.zeros(())
@@ -101,13 +102,20 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
             g = logp.exp_().sub_(target).div_(a.shape[0])  # d(batch-mean loss)/d(logits)
             grads: list[torch.Tensor] = []
             for (w, _, b, masked, _), a in zip(reversed(layers), reversed(acts)):
-                if b is not None:
-                    grads.append(g.sum(0))
-                grads.append(g.t() @ a)
-                if a is not acts[0]:
-                    g = g @ w
-                    if masked:
-                        g.mul_(a > 0)
+                g_in = g @ w if a is not acts[0] else None  # before this layer's update
+                if plain:  # the SGD step straight into the weights: no gradient tensor
+                    if b is not None:
+                        b.add_(g.sum(0), alpha=-lr)
+                    w.addmm_(g.t(), a, alpha=-lr)
+                else:
+                    if b is not None:
+                        grads.append(g.sum(0))
+                    grads.append(g.t() @ a)
+                if g_in is not None:
+                    g = torch.ops.aten.threshold_backward(g_in, a, 0) if masked else g_in
+            steps += 1
+            if plain:
+                continue
             grads.reverse()  # now (weight, bias) per layer, in `params` order
             if correct is not None:
                 for p, grad in zip(params, grads):
@@ -126,7 +134,6 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
                     buffers = [grad.clone() for grad in grads]
                 grads = buffers
             torch._foreach_add_(params, grads, alpha=-lr)
-            steps += 1
     if correct is not None:
         for p in params:
             p.grad = None

@@ -36,13 +36,16 @@ Tensors = dict[str, torch.Tensor]
 # `bench/bench_vectorized.py`), and whatever fits `MEMORY` with one epoch of their batches.
 CACHE = 16 * 2**20
 MEMORY = 128 * 2**20
-STACK_MAX_BATCH = 20  # at larger batches one client's products already use two threads well
+# The largest batch at which stacking beats one client at a time, on one thread and on more:
+# at larger batches one client's products are big enough on their own.
+STACK_MAX_BATCH = {1: 20, 2: 50}
 
 
 def stacking_pays(threads: int, batch_size: int) -> bool:
     """Whether stacking beats one client at a time, as measured on the 2NN (docs/benchmarks.md,
-    section 4): at B=10 on two threads 1.4×; on one thread 0.93×, at B=50 0.9×, FedSGD 1.0×."""
-    return threads > 1 and 0 < batch_size <= STACK_MAX_BATCH
+    section 4): on one thread 1.26× at B=5, 1.23× at B=10, 1.10× at 20, 1.01× at 50; on two
+    1.95× at B=10, 1.09× at 50; FedSGD (B = the whole shard) 0.78–0.95×."""
+    return 0 < batch_size <= STACK_MAX_BATCH[min(threads, 2)]
 
 
 def _steps(n: int, settings: TrainSettings) -> tuple[int, int]:
@@ -121,6 +124,18 @@ def _names(model: nn.Module) -> list[tuple[str, str | None]]:
             for i, m in enumerate(model) if type(m) is nn.Linear]
 
 
+class _Prefix:
+    """Views of the stacked tensors for the first `m` clients (those still stepping)."""
+
+    def __init__(self, weights, biases, params, loss_sum, m: int) -> None:
+        self.weights = [w[:m] for w in weights]
+        self.transposed = [w.transpose(1, 2) for w in self.weights]
+        self.bias_rows = [b[:m] if b is not None else None for b in biases]
+        self.biases = [b[:, None] if b is not None else None for b in self.bias_rows]
+        self.params = [p[:m] for p in params]
+        self.loss = loss_sum[:m]
+
+
 def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[Shard],
                  settings: TrainSettings, seeds: Sequence[int]) -> list[tuple[Tensors, dict]]:
     """One stacked computation; `shards` sorted by steps per epoch, longest first."""
@@ -142,9 +157,10 @@ def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
     eye = torch.eye(classes)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
+    plain = not mu and not wd  # the step is w -= lr·∇: fused into the gradient's product
     buffers: list[torch.Tensor] = []
     loss_sum = torch.zeros(k)
-    views: dict[int, list[torch.Tensor]] = {}  # params[:m] per prefix length m
+    views: dict[int, _Prefix] = {}
     for _ in range(settings.epochs):
         xs = torch.zeros(steps, k, batch, features)
         hot = torch.zeros(steps, k, batch, classes)
@@ -163,31 +179,38 @@ def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
         loss_sum.zero_()
         for s in range(steps):
             m = active[s]
+            if m not in views:  # the first `m` clients' slices, made once per prefix length
+                views[m] = _Prefix(weights, biases, params, loss_sum, m)
+            v = views[m]
             a, target = xs[s, :m], hot[s, :m]
             acts = []
-            for li, (w, bias) in enumerate(zip(weights, biases)):
+            for li, (wt, bias) in enumerate(zip(v.transposed, v.biases)):
                 acts.append(a)
-                wt = w[:m].transpose(1, 2)
-                a = torch.baddbmm(bias[:m, None], a, wt) if bias is not None else a @ wt
+                a = torch.baddbmm(bias, a, wt) if bias is not None else a @ wt
                 if relu_out[li]:
                     a.relu_()
             logp = a.log_softmax(2)
-            loss_sum[:m].sub_((logp * target).sum((1, 2)))
+            v.loss.sub_((logp * target).sum((1, 2)))
             g = logp.exp_().sub_(target).mul_(weigh[s, :m])
             grads: list[torch.Tensor] = []
             for li in reversed(range(len(weights))):
                 x_in = acts[li]
-                if biases[li] is not None:
-                    grads.append(g.sum(1))
-                grads.append(g.transpose(1, 2) @ x_in)
-                if li:
-                    g = g @ weights[li][:m]
-                    if relu_in[li]:
-                        g.mul_(x_in > 0)
+                g_in = g @ v.weights[li] if li else None  # before this layer's update
+                if plain:  # the SGD step straight into the weights: no gradient tensor
+                    if biases[li] is not None:
+                        v.bias_rows[li].add_(g.sum(1), alpha=-lr)
+                    v.weights[li].baddbmm_(g.transpose(1, 2), x_in, alpha=-lr)
+                else:
+                    if biases[li] is not None:
+                        grads.append(g.sum(1))
+                    grads.append(g.transpose(1, 2) @ x_in)
+                if g_in is not None:
+                    g = (torch.ops.aten.threshold_backward(g_in, x_in, 0)  # ReLU's backward
+                         if relu_in[li] else g_in)
+            if plain:
+                continue
             grads.reverse()
-            if m not in views:
-                views[m] = [p[:m] for p in params]
-            ps = views[m]
+            ps = v.params
             if wd:
                 torch._foreach_add_(grads, ps, alpha=wd)
             if mu:

@@ -5,8 +5,8 @@ exactly as the other transports count them. A task cannot be interrupted here (i
 caller's thread inside `receive`): a queued job that is due is cancelled before it starts, and
 a result that ends after its deadline is dropped as late by the dispatcher, as in every runtime.
 
-When the trainer choice stacks clients (`trainers.choose`: the 2NN on more than one thread at a
-small batch, or `trainer = "vectorized"`), `receive` hands every queued job to the worker at
+When the trainer choice stacks clients (`trainers.choose`: the 2NN at a small batch, unless
+`deterministic`; or `trainer = "vectorized"`), `receive` hands every queued job to the worker at
 once and it trains them as stacked computations; their results then wait here in order. A
 deadline then applies to the batch: its jobs start together and finish together.
 """
@@ -46,9 +46,11 @@ class InProcessRuntime:
     @staticmethod
     def stacking(config) -> dict:
         """What `trainers.choose` needs to know of this runtime: it hands a worker several
-        clients at once, on this process's torch threads."""
+        clients at once (not under `deterministic`, unless the config asks for stacking:
+        stacked updates equal the other runtimes' to float tolerance, not bit for bit), on this
+        process's torch threads."""
         return {"threads": torch.get_num_threads(), "batch_size": config.batch_size,
-                "stacking": True}
+                "stacking": config.trainer == "vectorized" or not config.deterministic}
 
     def send(self, job: Job) -> None:
         self.queue.append(job)
