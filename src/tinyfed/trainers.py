@@ -1,5 +1,5 @@
 """Which local trainer a client runs: the fused one where the model and optimizer allow it
-(`tinyfed.fused`: no autograd, 1.6× the samples/s on the 2NN at B=10), else the general
+(`tinyfed.fused`: no autograd, 1.76× the samples/s on the 2NN at B=10), else the general
 autograd loop (`client.train`); and whether a worker given several clients at once trains them
 as one stacked computation (`tinyfed.vectorized`). The config's `trainer` forces any of them;
 the choice and its reason are in the run's report, and every runtime makes the same choice from
