@@ -9,8 +9,10 @@ are the same, their summation order may differ); the data order, the SGD rule (w
 momentum, its first step) and a client algorithm's gradient correction are exactly those of
 `client.train`, so `tests/test_trainers.py` compares the two on every setting.
 
-Several clients at once (this arithmetic over stacked weights) is `tinyfed.vectorized`: faster
-on more than one thread, slower on one (docs/benchmarks.md, section 4).
+With plain SGD (no momentum, weight decay or correction) the step goes straight into the weights
+(`addmm_` with α = −lr): no gradient tensor is written and there is no separate update pass.
+Several clients at once (this arithmetic over stacked weights) is `tinyfed.vectorized`, faster
+at small batches (docs/benchmarks.md, section 4).
 """
 
 from __future__ import annotations

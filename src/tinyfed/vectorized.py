@@ -1,10 +1,11 @@
 """Several clients of a round trained as one batched computation (stacked weights, `bmm`).
 
-Why: one client's step on the 2NN at B=10 is a handful of small matrix products, too small for
-a second thread to help (`bench/bench_vectorized.py`); the same step for ten clients stacked is
-one set of batched products that two threads share. On one thread stacking is slower (the
-batched kernels are less tuned than the plain ones at these sizes), so `trainers.choose` stacks
-only when torch has more than one thread.
+Why: one client's step on the 2NN at B=10 is a handful of small matrix products, bound by
+per-operation cost and too small for a second thread to help (`bench/bench_vectorized.py`); the
+same step for ten clients stacked is one set of batched products: 1.22× one by one on one
+thread, 1.92× on two. At larger batches one client's products are big enough on their own
+(B=50: 0.99× on one thread, 1.09× on two), so `trainers.choose` stacks only at small batches
+(`stacking_pays`).
 
 What each client keeps: its own data order (its own seed, one permutation per epoch, as in
 `client.train`), its own shard size (shards are padded to the longest; padded rows weigh 0 in
@@ -32,8 +33,8 @@ from tinyfed.fused import linear_layers, train_fused
 Tensors = dict[str, torch.Tensor]
 # A round's clients are stacked in chunks: as many as keep the state every step touches
 # (weights, gradients, momentum, one step's activations) within about this machine's last-level
-# cache (32 MiB; ten 2NN clients, 16 MB, measured fastest: thirty at once were 0.9× one by one,
-# `bench/bench_vectorized.py`), and whatever fits `MEMORY` with one epoch of their batches.
+# cache (32 MiB; ten 2NN clients, 16 MB, measured fastest: thirty at once were 0.77–1.0× one by
+# one, docs/benchmarks.md section 4), and whatever fits `MEMORY` with one epoch of their batches.
 CACHE = 16 * 2**20
 MEMORY = 128 * 2**20
 # The largest batch at which stacking beats one client at a time, on one thread and on more:
