@@ -33,6 +33,10 @@ class TrainSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def batch_for(self, n: int) -> int:
+        """The minibatch for a shard of n examples: B, or the whole shard (B=0, or B > n)."""
+        return n if self.batch_size <= 0 else min(self.batch_size, n)
+
 
 @dataclass
 class Shard:
@@ -81,7 +85,7 @@ def train(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
     before each optimizer step."""
     start = time.perf_counter()
     n = len(shard)
-    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    batch = settings.batch_for(n)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model.parameters(), settings)
     loss_fn = nn.CrossEntropyLoss()

@@ -75,7 +75,7 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     (momentum, weight decay); the caller checks both."""
     start = time.perf_counter()
     n = len(shard)
-    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    batch = settings.batch_for(n)
     gen = torch.Generator().manual_seed(seed)
     layers = linear_layers(model)
     params = [p for w, _, b, _, _ in layers for p in (w, b) if p is not None]

@@ -51,7 +51,7 @@ def stacking_pays(threads: int, batch_size: int) -> bool:
 
 def _steps(n: int, settings: TrainSettings) -> tuple[int, int]:
     """(batch size, steps per epoch) for a shard of n examples: `client.train`'s batching."""
-    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    batch = settings.batch_for(n)
     return batch, math.ceil(n / batch)
 
 
