@@ -68,6 +68,25 @@ def linear_layers(model: nn.Sequential) -> list[tuple]:
             for i, m in enumerate(mods) if type(m) is nn.Linear]
 
 
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+             buffers: list[torch.Tensor], lr: float, mu: float, wd: float
+             ) -> list[torch.Tensor]:
+    """torch.optim.SGD's rule (weight decay; momentum whose first step is the gradient), one
+    foreach call per line instead of one call per tensor. `buffers` is empty before the first
+    step; returns the momentum buffers to pass next time."""
+    if wd:
+        torch._foreach_add_(grads, params, alpha=wd)
+    if mu:
+        if buffers:
+            torch._foreach_mul_(buffers, mu)
+            torch._foreach_add_(buffers, grads)
+        else:
+            buffers = [grad.clone() for grad in grads]
+        grads = buffers
+    torch._foreach_add_(params, grads, alpha=-lr)
+    return buffers
+
+
 @torch.no_grad()
 def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: int,
                 correct: Callable[[], None] | None = None) -> dict[str, float]:
@@ -124,18 +143,7 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
                     p.grad = grad
                 correct()
                 grads = [p.grad for p in params]
-            # torch.optim.SGD's rule (weight decay, momentum whose first step is the gradient),
-            # one foreach call per line instead of one call per tensor
-            if wd:
-                torch._foreach_add_(grads, params, alpha=wd)
-            if mu:
-                if buffers:
-                    torch._foreach_mul_(buffers, mu)
-                    torch._foreach_add_(buffers, grads)
-                else:
-                    buffers = [grad.clone() for grad in grads]
-                grads = buffers
-            torch._foreach_add_(params, grads, alpha=-lr)
+            buffers = sgd_step(params, grads, buffers, lr, mu, wd)
     if correct is not None:
         for p in params:
             p.grad = None

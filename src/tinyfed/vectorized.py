@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from tinyfed.client import Shard, TrainSettings
-from tinyfed.fused import linear_layers, train_fused
+from tinyfed.fused import linear_layers, sgd_step, train_fused
+from tinyfed.models import state_of
 
 Tensors = dict[str, torch.Tensor]
 # A round's clients are stacked in chunks: as many as keep the state every step touches
@@ -106,7 +107,7 @@ def _train_alone(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
     for start, shard, seed in zip(starts, shards, seeds):
         alone.load_state_dict(start)
         metrics = train_fused(alone, shard, settings, seed)
-        out.append(({k: v.detach().clone() for k, v in alone.state_dict().items()}, metrics))
+        out.append((state_of(alone), metrics))
     return out
 
 
@@ -211,19 +212,9 @@ def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
             if plain:
                 continue
             grads.reverse()
-            ps = v.params
-            if wd:
-                torch._foreach_add_(grads, ps, alpha=wd)
-            if mu:
-                if buffers:
-                    bufs = [buf[:m] for buf in buffers]
-                    torch._foreach_mul_(bufs, mu)
-                    torch._foreach_add_(bufs, grads)
-                else:  # the first step: every client steps, its buffer is its gradient
-                    buffers = [grad.clone() for grad in grads]
-                    bufs = buffers
-                grads = bufs
-            torch._foreach_add_(ps, grads, alpha=-lr)
+            # the first step has every client stepping (m = k): its buffers are whole stacks
+            made = sgd_step(v.params, grads, [buf[:m] for buf in buffers], lr, mu, wd)
+            buffers = buffers or made
     seconds = (time.perf_counter() - start) / k
     results = []
     for i, shard in enumerate(shards):
