@@ -28,9 +28,12 @@ BAD = 3  # the misbehaving client: last in selection order, so in-process no tas
 
 def run(tmp_path, runtime: str, mode: str, **over):
     # over HTTP a process is a device: one id each, so a crash takes down one client only
-    # in-process with the fused trainer: clients one by one (stacked, a batch shares a deadline)
-    extra = {"workers": {"processes": 2, "http": 4, "ray": 2}[runtime]} \
-        if runtime != "inprocess" else {"trainer": "fused"}
+    # in-process and processes with the fused trainer: clients one by one per worker (stacked,
+    # a batch shares a deadline, and a child lost mid-batch resends it: test_processes.py)
+    extra = {"workers": {"processes": 2, "http": 4, "ray": 2}.get(runtime)} \
+        if runtime != "inprocess" else {}
+    if runtime in ("inprocess", "processes"):
+        extra["trainer"] = "fused"
     cfg = small_config(out=str(tmp_path / f"{runtime}-{mode}"), runtime=runtime, mode=mode,
                        clients=4, concurrency=4 if mode == "async" else None, **extra, **over)
     run_dir = RunDir.create(cfg)

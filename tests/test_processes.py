@@ -168,14 +168,18 @@ def test_bad_reply_fails_the_task_only(tmp_path, monkeypatch, mode, why):
     assert r2["clients_succeeded"] == 4
 
 
-def test_hang_past_the_deadline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("trainer,failed", [("fused", [0]), ("vectorized", [0, 1])])
+def test_hang_past_the_deadline(tmp_path, monkeypatch, trainer, failed):
+    """One task at a time, only the hung task fails; stacking, its batch shares the deadline
+    (clients 0 and 1 went to one child together), and the other child's batch is served."""
     fault_env(monkeypatch, tmp_path, "hang:0:1")
-    result = run(tmp_path, "procs", runtime="processes", workers=2, rounds=2, round_timeout=4.0)
+    result = run(tmp_path, "procs", runtime="processes", workers=2, rounds=2, round_timeout=4.0,
+                 trainer=trainer)
     r1, r2 = records(result)
-    assert [f["client_id"] for f in r1["failures"]] == [0]
-    assert r1["failures"][0]["reason"] == ("deadline: no result within round_timeout=4 s "
-                                           "(child killed)")
-    assert r1["clients_succeeded"] == 3
+    assert [f["client_id"] for f in r1["failures"]] == failed
+    assert all(f["reason"] == "deadline: no result within round_timeout=4 s (child killed)"
+               for f in r1["failures"])
+    assert r1["clients_succeeded"] == 4 - len(failed)
     assert r2["clients_succeeded"] == 4
 
 
@@ -184,6 +188,69 @@ def test_round_below_min_clients_is_retried_then_stops(tmp_path, monkeypatch):
     with pytest.raises(RoundFailed, match="3 of 4 clients succeeded.*after 2 attempts"):
         run(tmp_path, "procs", runtime="processes", workers=2, min_clients=4, round_retries=1)
     assert len(list(mark.glob("fault-*"))) == 2  # the retry was sent again
+
+
+def test_stacked_children_match_one_by_one_and_say_so(tmp_path):
+    """Not deterministic, each child trains its batch stacked (the 2NN-like mlp128 at B=20 on
+    one thread): the same updates as one client after another, to float tolerance, the same
+    bytes on the wire, and the report counts what the children stacked."""
+    alone = run(tmp_path, "alone", rounds=3, trainer="fused")
+    procs = run(tmp_path, "procs", rounds=3, runtime="processes", workers=2)
+    assert procs.trainer.stacks and procs.trainer.name == "vectorized"
+    assert procs.trainer.reason.endswith("; 12 of 12 tasks stacked"), procs.trainer.reason
+    assert_same_bytes(records(alone), records(procs), 4)
+    for k, v in alone.state.weights.items():
+        torch.testing.assert_close(procs.state.weights[k], v, rtol=1e-4, atol=1e-5)
+    assert [r["num_examples"] for r in records(procs)] == [600, 600, 600]
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "every-time"])
+def test_child_lost_mid_batch_resends_its_tasks_one_by_one(tmp_path, monkeypatch, once):
+    """Clients 0 and 1 go to one child as a batch; it dies (exit 3) on client 0's task before
+    answering either. Both are sent again, one by one: a death that does not recur costs
+    nothing; one that does costs client 0 alone. The lost task frames still count in the
+    round's bytes: two more than a clean round, either way."""
+    from tinyfed.faults import FAULT_ENV, ONCE_ENV
+
+    clean = records(run(tmp_path, "clean", rounds=2))
+    monkeypatch.setenv(FAULT_ENV, "exit:0:1")
+    if once:
+        monkeypatch.setenv(ONCE_ENV, str(tmp_path))
+    r1, r2 = records(run(tmp_path, "procs", runtime="processes", workers=2, rounds=2))
+    one_task = clean[0]["bytes_down"] / 4  # four task frames that differ by a digit or two
+    if once:
+        assert r1["failures"] == [] and r1["clients_succeeded"] == 4
+        assert r1["bytes_up"] == clean[0]["bytes_up"]
+        assert abs(r1["bytes_down"] - clean[0]["bytes_down"] - 2 * one_task) < 16
+    else:
+        assert [f["client_id"] for f in r1["failures"]] == [0]
+        assert "died: EOF at a frame boundary (exit code 3)" in r1["failures"][0]["reason"]
+        assert r1["clients_succeeded"] == 3 and r1["num_examples"] == 3 * 150
+        assert abs(r1["bytes_up"] - clean[0]["bytes_up"] * 3 / 4) < 16  # three replies
+        assert abs(r1["bytes_down"] - clean[0]["bytes_down"] - 2 * one_task) < 16
+    assert r2["failures"] == [] and r2["bytes_down"] == clean[1]["bytes_down"]
+
+
+@pytest.mark.parametrize("count", [0, 5, "2", -1])
+def test_a_bad_batch_frame_stops_the_child_with_a_reason(count):
+    """A BATCH frame must announce 1 to K tasks (K = the clients the child serves): else the
+    child answers FAILURE naming the count and what is allowed, and exits 1."""
+    from tinyfed import wire
+    from tinyfed.runtimes import pipeio
+    from tinyfed.runtimes.processes import ProcessRuntime, handshake, launch
+
+    runtime = ProcessRuntime(small_config())
+    child = launch(0)
+    try:
+        handshake(child, runtime._hello_for(0))
+        pipeio.write_all(child.to_child, wire.encode_frame(wire.Kind.BATCH, {"tasks": count}))
+        reply = wire.decode_frame(pipeio.read_frame(child.from_child))
+        assert reply.kind == wire.Kind.FAILURE
+        assert reply.header["reason"] == (f"child 0: a BATCH frame announces {count!r} tasks; "
+                                          "allowed: 1 to 4")
+        assert child.proc.wait(timeout=30) == 1
+    finally:
+        child.reap()
 
 
 @contextmanager

@@ -109,7 +109,8 @@ class Config(BaseModel):
     optimizer: str = Field("sgd", description="client optimizer")
     trainer: Literal["auto", "vectorized", "fused", "autograd"] = Field(
         "auto", description="local training: fused (Linear/ReLU models with SGD, no autograd), "
-        "vectorized (fused, a round's clients stacked into one computation; in-process), "
+        "vectorized (fused, a round's clients stacked into one computation; in-process "
+        "and processes), "
         "autograd (any model), or auto (the fastest that can)")
     lr: float = Field(0.05, gt=0, description="client learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")

@@ -54,7 +54,8 @@ def choose(model: nn.Module, wanted: str, optimizer: str, threads: int = 1,
         return Choice("fused", "vectorized asked for, but this runtime hands each worker one "
                       "client at a time", train_fused)
     if wanted == "auto" and stacking and stacking_pays(threads, batch_size):
-        return Choice("vectorized", f"Linear/ReLU stack with SGD on {threads} threads at "
+        cores = f"{threads} thread{'s' * (threads != 1)}"
+        return Choice("vectorized", f"Linear/ReLU stack with SGD on {cores} at "
                       f"B={batch_size}: a round's clients as one stacked computation",
                       train_fused, stacks=True)
     return Choice("fused", "Linear/ReLU stack with SGD: backward written out, no autograd",

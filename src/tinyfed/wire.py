@@ -57,6 +57,8 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 4  # server -> client: exit cleanly
     MODEL = 5  # a global model on its own (HTTP GET /v1/model)
     HELLO = 6  # process runtime: parent -> child config JSON; child -> parent "ready"
+    BATCH = 7  # process runtime: parent -> child "the next N task frames train together";
+    # child -> parent, after their N replies: how many of them trained stacked and alone
 
 
 @dataclass

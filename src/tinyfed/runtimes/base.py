@@ -26,6 +26,14 @@ GRACE = 0.5
 STARTUP_TIMEOUT = 120.0  # seconds a worker gets to import torch, load its data and say it is up
 
 
+def stacking_plan(config, threads: int) -> dict:
+    """What `trainers.choose` needs to know of a transport that hands a worker several clients
+    at once, on `threads` torch threads: it does so unless `deterministic` (stacked updates
+    equal one-by-one training to float tolerance, not bit for bit), or the config asks for it."""
+    return {"threads": threads, "batch_size": config.batch_size,
+            "stacking": config.trainer == "vectorized" or not config.deterministic}
+
+
 @dataclass(eq=False)
 class Job:
     """One task in flight: the dispatcher's id and deadline, what a transport moves."""

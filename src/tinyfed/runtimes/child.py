@@ -3,7 +3,8 @@
 It holds only its own two pipe ends. It imports torch at once (the parent may start it before
 loading the data, so both happen together); the first frame it reads is HELLO (the run's config
 as JSON, and the parent's shared examples to map, or else it loads the data set itself), it
-answers HELLO, then serves TASK frames until SHUTDOWN or EOF. A forked child (`forking.py`)
+answers HELLO, then serves TASK frames (one at a time, or the N after a BATCH frame together:
+stacked where that pays) until SHUTDOWN or EOF. A forked child (`forking.py`)
 enters at `main` too. It never outlives its parent: EOF on its read pipe
 ends it, and a watchdog thread ends it when the parent process exits (even mid-training).
 
@@ -114,18 +115,60 @@ def serve(read_fd: int, write_fd: int, num: int) -> int:
         return 1
     pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.HELLO,
                                                  {"child": num, "pid": os.getpid()}))
+    limit = len(hello.header.get("clients", ())) or 1  # no batch holds more tasks than that
     while True:
         try:
             frame = pipeio.read_frame(read_fd, worker.max_frame)
+            if frame[5] == wire.Kind.SHUTDOWN:
+                return 0
+            if frame[5] == wire.Kind.BATCH:
+                serve_batch(read_fd, write_fd, worker, batch_size(frame, limit))
+                continue
         except pipeio.PipeClosed:
             return 0
-        if frame[5] == wire.Kind.SHUTDOWN:
-            return 0
+        except WireError as exc:  # the parent's own framing: tell it why, then stop
+            reason = f"child {num}: {exc}"
+            pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.FAILURE, {"reason": reason}))
+            return 1
         mode = fault_for(frame)
         if mode:
             misbehave(mode, write_fd, lambda f=frame: worker.handle(f))
             continue
         pipeio.write_all(write_fd, worker.handle(frame))
+
+
+def batch_size(frame: bytes, limit: int) -> int:
+    """The task count a BATCH frame announces, checked: 1 to `limit` (the clients served)."""
+    from tinyfed import wire
+    from tinyfed.errors import WireError
+
+    count = wire.decode_frame(frame).header.get("tasks")
+    if type(count) is not int or not 1 <= count <= limit:
+        raise WireError(f"a BATCH frame announces {count!r} tasks; allowed: 1 to {limit}")
+    return count
+
+
+def serve_batch(read_fd: int, write_fd: int, worker, count: int) -> None:
+    """Read `count` task frames, train them together (`ClientWorker.handle_many` stacks those
+    that can be), write their replies in order, then a BATCH frame with how they trained. Under
+    the test hook the tasks run one by one, each reply written before the next task starts, so
+    a fault acts on its own task exactly as outside a batch."""
+    from tinyfed import wire
+    from tinyfed.runtimes import pipeio
+
+    frames = [pipeio.read_frame(read_fd, worker.max_frame) for _ in range(count)]
+    before = dict(worker.tally)
+    if os.environ.get(FAULT_ENV):
+        for frame in frames:
+            mode = fault_for(frame)
+            if mode:
+                misbehave(mode, write_fd, lambda f=frame: worker.handle(f))
+            else:
+                pipeio.write_all(write_fd, worker.handle(frame))
+    else:
+        pipeio.write_all(write_fd, b"".join(worker.handle_many(frames)))
+    trained = {k: worker.tally[k] - before.get(k, 0) for k in ("stacked", "alone")}
+    pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.BATCH, trained))
 
 
 def main(argv: list[str]) -> int:

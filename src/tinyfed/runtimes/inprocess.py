@@ -20,7 +20,7 @@ import torch
 from tinyfed import protocol, wire
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientWorker
-from tinyfed.runtimes.base import Delivery, Job, Stopped
+from tinyfed.runtimes.base import Delivery, Job, Stopped, stacking_plan
 from tinyfed.trainers import choose
 
 
@@ -45,12 +45,9 @@ class InProcessRuntime:
 
     @staticmethod
     def stacking(config) -> dict:
-        """What `trainers.choose` needs to know of this runtime: it hands a worker several
-        clients at once (not under `deterministic`, unless the config asks for stacking:
-        stacked updates equal the other runtimes' to float tolerance, not bit for bit), on this
-        process's torch threads."""
-        return {"threads": torch.get_num_threads(), "batch_size": config.batch_size,
-                "stacking": config.trainer == "vectorized" or not config.deterministic}
+        """What `trainers.choose` needs to know of this runtime: it hands its worker several
+        clients at once, on this process's torch threads (`base.stacking_plan`)."""
+        return stacking_plan(config, torch.get_num_threads())
 
     def send(self, job: Job) -> None:
         self.queue.append(job)

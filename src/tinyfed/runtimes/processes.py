@@ -8,6 +8,15 @@ arrive. A child that dies or sends a malformed frame fails its task with a
 reason; one whose job the dispatcher cancels at its deadline is killed. Either way it is
 reaped and (with `respawn`) replaced before its next task. Blocking reads and writes live in
 the listener threads; a kill (SIGKILL by pid) is what unblocks them, so nothing busy-waits.
+
+When the trainer choice stacks clients (`trainers.choose` on a child's share of the cores: the
+2NN at a small batch, unless `deterministic`; or `trainer = "vectorized"`), the jobs submitted
+together go out as one batch per child (a BATCH frame, then their task frames) and each child
+trains its batch as stacked computations (`ClientWorker.handle_many`), as the in-process
+runtime does. A batch then shares a deadline. A child lost mid-batch costs at most the task it
+broke on (the one whose reply was bad, or the only one unanswered), as outside a batch; its
+other unanswered tasks are sent again, one by one, to a live child (the bytes already sent for
+them still count), so a task that kills its child again then fails alone.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +41,9 @@ from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped, stacking_plan
 from tinyfed.runtimes.forking import Forked, can_fork, fork_child
+from tinyfed.trainers import choose
 
 SHUTDOWN_GRACE = 2.0  # seconds a child gets to exit after SHUTDOWN before SIGKILL
 
@@ -138,6 +149,9 @@ def handshake(child: Child, hello: bytes) -> None:
         raise ChildStartError(f"child {child.num} answered HELLO with {msg.kind.name}")
 
 
+Batch = list[tuple[Job, bytes]]  # jobs a child gets together, with their task frames
+
+
 @dataclass
 class Slot:
     """One worker: its current child, what it is doing, and whether it is out of service."""
@@ -145,8 +159,7 @@ class Slot:
     num: int
     jobs: queue.Queue
     child: Child | None = None
-    current: int | None = None  # id of the job being written/read
-    sent: int = 0  # bytes of the current job's task frame written so far (whole frame)
+    current: dict[int, int] = field(default_factory=dict)  # job id -> task bytes written
     doomed: bool = False  # killed by the deadline; replace before the next job
     down: str = ""  # why this slot serves no more jobs (respawn off, spawn failed)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -170,6 +183,10 @@ class ProcessRuntime:
         self.closing = False
         self.spawned: list[Child] = []  # every child ever started, for a last-resort reap
         self.examples: SharedExamples | None = None  # one mapped copy of the clients' data
+        self.stacks = False  # send the jobs submitted together as one batch per child
+        self.outbox: Batch = []  # stacking: jobs submitted since the last receive()
+        self.spent: Counter[int] = Counter()  # bytes sent for a job to a child since lost
+        self.tally: Counter[str] = Counter()  # tasks the children trained stacked and alone
 
     # ---- Transport protocol -----------------------------------------------------------
     def warm(self) -> None:
@@ -184,6 +201,8 @@ class ProcessRuntime:
         self.config = cfg
         # one mapped copy of the data for the tree (Linux); elsewhere each child loads its own
         self.examples = experiment.share_examples() if hasattr(os, "memfd_create") else None
+        self.stacks = choose(experiment.new_model(), cfg.trainer, cfg.optimizer,
+                             **self.stacking(cfg)).stacks
         self.warm()  # unless the caller already did
         for slot, child in zip(self.slots, self.spawned):
             handshake(child, self._hello_for(slot.num))
@@ -193,13 +212,22 @@ class ProcessRuntime:
                                            name=f"tinyfed-child-{slot.num}")
             slot.thread.start()
 
+    def stacking(self, config: Config) -> dict:
+        """What `trainers.choose` needs to know of this runtime: it hands each child several
+        clients at once, on the child's share of the cores (`base.stacking_plan`)."""
+        return stacking_plan(config, self._child_threads(config))
+
     def send(self, job: Job) -> None:
         frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
         with self.lock:
             self.live.add(job.id)
-        self.jobs.put((job, frame))
+        if self.stacks:
+            self.outbox.append((job, frame))  # dealt out at the next receive()
+        else:
+            self.jobs.put([(job, frame)])
 
     def receive(self, timeout: float) -> Delivery | None:
+        self._deal()
         try:
             return self.done.get(timeout=timeout)
         except queue.Empty:
@@ -212,25 +240,30 @@ class ProcessRuntime:
         """A due job: never started (the listener will skip it), or its child is killed."""
         with self.lock:
             self.live.discard(job.id)
+            earlier = self.spent.pop(job.id, 0)
+        self.outbox = [(j, f) for j, f in self.outbox if j is not job]
         sent = None
         for slot in self.slots:
             with slot.lock:
-                if slot.current == job.id and slot.child is not None:
-                    sent = slot.sent
+                if job.id in slot.current and slot.child is not None:
+                    sent = slot.current[job.id]
                     slot.doomed = True
                     slot.child.kill()
         if sent is None:
+            if earlier:
+                return Stopped("its child was lost; waiting to be sent again", earlier)
             return Stopped("never sent to a child", started=False)
-        return Stopped("child killed", bytes_down=sent)
+        return Stopped("child killed", bytes_down=earlier + sent)
 
     def close(self) -> None:
         """SHUTDOWN to every child, a short grace, then SIGKILL; reap all; join threads."""
         self.closing = True
         with self.lock:
             self.live.clear()
+        self.outbox = []
         for slot in self.slots:
             with slot.lock:  # a child mid-task works for nobody now: stop it at once
-                if slot.current is not None and slot.child is not None:
+                if slot.current and slot.child is not None:
                     slot.child.kill()
             slot.jobs.put(None)
         threads = [s.thread for s in self.slots if s.thread is not None]
@@ -264,10 +297,21 @@ class ProcessRuntime:
             header["examples"] = self.examples.header()
         return wire.encode_frame(wire.Kind.HELLO, header)
 
-    def _child_threads(self) -> int:
-        if self.config.deterministic:
+    def _child_threads(self, config: Config | None = None) -> int:
+        if (config or self.config).deterministic:
             return 1
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def _deal(self) -> None:
+        """Stacking: the jobs submitted since the last call, dealt out as one batch per
+        worker (in submit order, sizes within one of each other)."""
+        jobs, self.outbox = self.outbox, []
+        parts = min(len(jobs), self.workers)
+        if parts and len(jobs) > parts * self.config.clients:  # a child takes at most that many
+            parts = -(-len(jobs) // self.config.clients)
+        for i in range(parts):
+            lo, hi = len(jobs) * i // parts, len(jobs) * (i + 1) // parts
+            self.jobs.put(jobs[lo:hi])
 
     def _launch(self, num: int) -> Child:
         # the examples are opened through /proc/<our pid>/fd; a fork only while nothing else
@@ -280,28 +324,30 @@ class ProcessRuntime:
         return any(not s.down for s in self.slots if s is not slot)
 
     def _listen(self, slot: Slot) -> None:
-        """One child's listener: take a job, run it on the child, report, repeat."""
+        """One child's listener: take a batch of jobs, run it on the child, report, repeat."""
         try:
             while True:
                 item = slot.jobs.get()
                 if item is None:
                     break
-                job, frame = item
                 with self.lock:
-                    live = job.id in self.live
-                if not live:
+                    batch = [(job, frame) for job, frame in item if job.id in self.live]
+                if not batch:
                     continue
                 if slot.down and self._others_up(slot):
-                    slot.jobs.put(item)  # leave it to a working child
+                    slot.jobs.put(batch)  # leave it to a working child
                     return
-                result, lost = self._run(slot, job, frame)
-                with self.lock:
-                    self.live.discard(job.id)
-                self.done.put(Delivery(job, result))
+                lost = self._run(slot, batch)
                 if lost is not None:
                     self._replace(slot, lost)
         finally:
             self._retire(slot)
+
+    def _deliver(self, job: Job, result: ClientResult) -> None:
+        with self.lock:
+            self.live.discard(job.id)
+            result.bytes_down += self.spent.pop(job.id, 0)
+        self.done.put(Delivery(job, result))
 
     def _ready_child(self, slot: Slot) -> Child | None:
         """The slot's child, replaced first if the deadline killed it or it died idle."""
@@ -312,40 +358,89 @@ class ProcessRuntime:
             self._replace(slot, child)
         return slot.child
 
-    def _run(self, slot: Slot, job: Job, frame: bytes) -> tuple[ClientResult, Child | None]:
-        """Write the task, read the reply. Returns the result and the child if it was lost."""
+    def _run(self, slot: Slot, batch: Batch) -> Child | None:
+        """Write the tasks (after a BATCH frame when stacking), read and deliver the replies in
+        order (then the BATCH frame that says how they trained). Returns the child if lost."""
         child = self._ready_child(slot)
         if child is None:
-            return ClientResult.failure(job.task, f"worker {slot.num} is down: {slot.down}"), None
+            for job, _ in batch:
+                self._deliver(job, ClientResult.failure(
+                    job.task, f"worker {slot.num} is down: {slot.down}"))
+            return None
         with slot.lock:
-            slot.current, slot.sent = job.id, 0
-        sent = 0
+            slot.current = {job.id: 0 for job, _ in batch}
+        answered, reading = 0, False
         try:
-            sent = pipeio.write_all(child.to_child, frame)
-            slot.sent = sent
-            reply = pipeio.read_frame(child.from_child, job.expect.max_frame)
-        except pipeio.PipeClosed as exc:
-            up = exc.done if sent == len(frame) else 0
-            sent = sent or exc.done
-            return self._lost(slot, child, job, f"died: {exc}", sent, up), child
+            if self.stacks:
+                pipeio.write_all(child.to_child, wire.encode_frame(
+                    wire.Kind.BATCH, {"tasks": len(batch)}))
+            for job, frame in batch:
+                try:
+                    slot.current[job.id] = pipeio.write_all(child.to_child, frame)
+                except pipeio.PipeClosed as exc:  # what moved counts, even half a frame
+                    slot.current[job.id] = exc.done
+                    raise
+            reading = True
+            for job, frame in batch:
+                reply = pipeio.read_frame(child.from_child, job.expect.max_frame)
+                result = protocol.read_update(reply, job.expect)
+                result.bytes_down = len(frame)
+                self._deliver(job, result)
+                answered += 1
+            if self.stacks:
+                self._count(pipeio.read_frame(child.from_child))
+        except pipeio.PipeClosed as exc:  # mid-reply, the reply's own task is the one lost
+            up = exc.done if reading else 0
+            self._lost(slot, child, batch[answered:], f"died: {exc}", up, culprit=up > 0)
+            return child
         except WireError as exc:
-            return self._lost(slot, child, job, f"sent a malformed frame: {exc}", sent,
-                              wire.PREFIX_SIZE), child
+            self._lost(slot, child, batch[answered:], f"sent a malformed frame: {exc}",
+                       wire.PREFIX_SIZE, culprit=reading)
+            return child
         except OSError as exc:
-            return self._lost(slot, child, job, f"pipe error: {exc}", sent, 0), child
+            self._lost(slot, child, batch[answered:], f"pipe error: {exc}", 0, culprit=False)
+            return child
         finally:
             with slot.lock:
-                slot.current = None
-        result = protocol.read_update(reply, job.expect)
-        result.bytes_down = sent
-        return result, None
+                slot.current = {}
+        return None
 
-    def _lost(self, slot: Slot, child: Child, job: Job, what: str, down: int,
-              up: int) -> ClientResult:
-        """Kill and reap a child that broke its task; the half-read reply is discarded."""
+    def _count(self, frame: bytes) -> None:
+        """Add a batch's BATCH reply (tasks trained stacked and alone) to the tally."""
+        msg = wire.decode_frame(frame)
+        counts = {k: msg.header.get(k) for k in ("stacked", "alone")}
+        if msg.kind != wire.Kind.BATCH or any(type(v) is not int or v < 0
+                                              for v in counts.values()):
+            raise WireError(f"expected a BATCH frame with task counts, got {msg.kind.name} "
+                            f"{msg.header}"[:200])
+        with self.lock:
+            self.tally.update(counts)
+
+    def _lost(self, slot: Slot, child: Child, unanswered: Batch, what: str, up: int,
+              culprit: bool) -> None:
+        """Kill and reap a child that broke its batch (a half-read reply is discarded). The
+        job it broke on fails with the reason: the one whose reply was bad (`culprit`), or
+        the only one unanswered; the others (all, when the child died between replies with
+        several unanswered) go to a live child again, one by one, so a task that kills its
+        child again is then the only one lost."""
         code = child.reap()
+        sent = dict(slot.current)
         reason = f"child {slot.num} (pid {child.pid}) {what} ({describe_exit(code)})"
-        return ClientResult.failure(job.task, reason, bytes_down=down, bytes_up=up)
+        if culprit or len(unanswered) == 1:
+            (job, _), rest = unanswered[0], unanswered[1:]
+            self._deliver(job, ClientResult.failure(job.task, reason, bytes_down=sent[job.id],
+                                                    bytes_up=up))
+        else:  # none, if it broke after every reply (in the BATCH frame): nothing lost
+            rest = unanswered
+        for j, f in rest:
+            with self.lock:
+                live = j.id in self.live
+                if live:
+                    self.spent[j.id] += sent[j.id]
+            if live:
+                self.jobs.put([(j, f)])
+            else:  # cancelled meanwhile (its deadline killed the child): dropped as late
+                self._deliver(j, ClientResult.failure(j.task, reason, bytes_down=sent[j.id]))
 
     def _replace(self, slot: Slot, old: Child) -> None:
         """Reap `old`; start a fresh child unless closing or respawn is off."""
