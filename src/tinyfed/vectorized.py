@@ -35,9 +35,12 @@ Tensors = dict[str, torch.Tensor]
 # A round's clients are stacked in chunks: as many as keep the state every step touches
 # (weights, gradients, momentum, one step's activations) within about this machine's last-level
 # cache (32 MiB; ten 2NN clients, 16 MB, measured fastest: thirty at once were 0.77–1.0× one by
-# one, docs/benchmarks.md section 4), and whatever fits `MEMORY` with one epoch of their batches.
+# one, docs/benchmarks.md section 4), and whatever fits `MEMORY` with `BLOCK` steps of batches.
 CACHE = 16 * 2**20
 MEMORY = 128 * 2**20
+# Steps whose batches are gathered at once: a client's memory follows this, not its shard size
+# (a whole epoch of a 6,000-example client was 19 MB, per child of the process runtime too).
+BLOCK = 64
 # The largest batch at which stacking beats one client at a time, on one thread and on more:
 # at larger batches one client's products are big enough on their own.
 STACK_MAX_BATCH = {1: 20, 2: 50}
@@ -59,8 +62,8 @@ def _steps(n: int, settings: TrainSettings) -> tuple[int, int]:
 def footprint(model: nn.Module, shards: Sequence[Shard], settings: TrainSettings
               ) -> tuple[int, int]:
     """Bytes one client adds to a stacked computation: (the state every step touches: its
-    weights, gradients, momentum and one step's activations; one epoch of its batches padded
-    to the widest batch and step count, with their one-hot targets and row weights)."""
+    weights, gradients, momentum and one step's activations; `BLOCK` steps of its batches
+    padded to the widest batch, with their one-hot targets and row weights)."""
     params = sum(p.numel() for p in model.parameters())
     widths = [w.shape[0] for w, *_ in linear_layers(model)]
     features = linear_layers(model)[0][0].shape[1]
@@ -69,7 +72,7 @@ def footprint(model: nn.Module, shards: Sequence[Shard], settings: TrainSettings
     steps = max(s for _, s in shapes)
     slots = 3 if settings.momentum else 2
     return (4 * (params * slots + 3 * batch * sum(widths)),
-            4 * steps * batch * (features + widths[-1] + 1))
+            4 * min(steps, BLOCK) * batch * (features + widths[-1] + 1))
 
 
 def chunk_size(model: nn.Module, shards: Sequence[Shard], settings: TrainSettings) -> int:
@@ -120,6 +123,28 @@ def _padded(rows: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
+def _gather(xs: torch.Tensor, hot: torch.Tensor, weigh: torch.Tensor, eye: torch.Tensor,
+            flat: Sequence[torch.Tensor], shards: Sequence[Shard],
+            orders: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
+            first: int) -> None:
+    """Fill the block of steps from `first`: each client's batches in its epoch order (inputs,
+    one-hot targets, and each row's 1/len of its batch), zeros past its batches and steps."""
+    for buf in (xs, hot, weigh):
+        buf.zero_()
+    span, features, classes = xs.shape[0], xs.shape[3], hot.shape[3]
+    for i, (shard, order, (b, n_steps)) in enumerate(zip(shards, orders, shapes)):
+        t = min(n_steps - first, span)  # this client's steps in the block
+        if t <= 0:
+            continue
+        rows = order[first * b : (first + t) * b]
+        xs[:t, i, :b] = _padded(flat[i][rows], t * b).view(t, b, features)
+        hot[:t, i, :b] = _padded(eye[shard.y[rows]], t * b).view(t, b, classes)
+        sizes = torch.full((t, 1), float(b))
+        if first + t == n_steps:  # its last, maybe short, batch
+            sizes[-1] = len(shard) - b * (n_steps - 1)
+        weigh[:t, i, :b, 0] = _padded(torch.ones(len(rows)), t * b).view(t, b) / sizes
+
+
 def _names(model: nn.Module) -> list[tuple[str, str | None]]:
     """State-dict names of (weight, bias) per Linear, in `linear_layers` order."""
     return [(f"{i}.weight", f"{i}.bias" if m.bias is not None else None)
@@ -163,58 +188,52 @@ def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
     buffers: list[torch.Tensor] = []
     loss_sum = torch.zeros(k)
     views: dict[int, _Prefix] = {}
+    span = min(steps, BLOCK)
+    xs = torch.empty(span, k, batch, features)
+    hot = torch.empty(span, k, batch, classes)
+    weigh = torch.empty(span, k, batch, 1)  # 1/len of a row's batch; 0 for padding
+    flat = [shard.x.reshape(len(shard), -1) for shard in shards]
     for _ in range(settings.epochs):
-        xs = torch.zeros(steps, k, batch, features)
-        hot = torch.zeros(steps, k, batch, classes)
-        weigh = torch.zeros(steps, k, batch, 1)  # 1/len of a row's batch; 0 for padding
-        for i, (shard, (b, n_steps)) in enumerate(zip(shards, shapes)):
-            n = len(shard)
-            order = torch.randperm(n, generator=gens[i])
-            xs[:n_steps, i, :b] = _padded(shard.x.reshape(n, -1)[order], n_steps * b
-                                          ).view(n_steps, b, features)
-            hot[:n_steps, i, :b] = _padded(eye[shard.y[order]], n_steps * b
-                                           ).view(n_steps, b, classes)
-            sizes = torch.full((n_steps, 1), float(b))
-            sizes[-1] = n - b * (n_steps - 1)
-            weigh[:n_steps, i, :b, 0] = _padded(torch.ones(n), n_steps * b
-                                                ).view(n_steps, b) / sizes
+        orders = [torch.randperm(len(shard), generator=gen) for shard, gen in zip(shards, gens)]
         loss_sum.zero_()
-        for s in range(steps):
-            m = active[s]
-            if m not in views:  # the first `m` clients' slices, made once per prefix length
-                views[m] = _Prefix(weights, biases, params, loss_sum, m)
-            v = views[m]
-            a, target = xs[s, :m], hot[s, :m]
-            acts = []
-            for li, (wt, bias) in enumerate(zip(v.transposed, v.biases)):
-                acts.append(a)
-                a = torch.baddbmm(bias, a, wt) if bias is not None else a @ wt
-                if relu_out[li]:
-                    a.relu_()
-            logp = a.log_softmax(2)
-            v.loss.sub_((logp * target).sum((1, 2)))
-            g = logp.exp_().sub_(target).mul_(weigh[s, :m])
-            grads: list[torch.Tensor] = []
-            for li in reversed(range(len(weights))):
-                x_in = acts[li]
-                g_in = g @ v.weights[li] if li else None  # before this layer's update
-                if plain:  # the SGD step straight into the weights: no gradient tensor
-                    if biases[li] is not None:
-                        v.bias_rows[li].add_(g.sum(1), alpha=-lr)
-                    v.weights[li].baddbmm_(g.transpose(1, 2), x_in, alpha=-lr)
-                else:
-                    if biases[li] is not None:
-                        grads.append(g.sum(1))
-                    grads.append(g.transpose(1, 2) @ x_in)
-                if g_in is not None:
-                    g = (torch.ops.aten.threshold_backward(g_in, x_in, 0)  # ReLU's backward
-                         if relu_in[li] else g_in)
-            if plain:
-                continue
-            grads.reverse()
-            # the first step has every client stepping (m = k): its buffers are whole stacks
-            made = sgd_step(v.params, grads, [buf[:m] for buf in buffers], lr, mu, wd)
-            buffers = buffers or made
+        for first in range(0, steps, span):
+            _gather(xs, hot, weigh, eye, flat, shards, orders, shapes, first)
+            for s in range(first, min(first + span, steps)):
+                m = active[s]
+                if m not in views:  # the first `m` clients' slices, made once per prefix length
+                    views[m] = _Prefix(weights, biases, params, loss_sum, m)
+                v = views[m]
+                a, target = xs[s - first, :m], hot[s - first, :m]
+                acts = []
+                for li, (wt, bias) in enumerate(zip(v.transposed, v.biases)):
+                    acts.append(a)
+                    a = torch.baddbmm(bias, a, wt) if bias is not None else a @ wt
+                    if relu_out[li]:
+                        a.relu_()
+                logp = a.log_softmax(2)
+                v.loss.sub_((logp * target).sum((1, 2)))
+                g = logp.exp_().sub_(target).mul_(weigh[s - first, :m])
+                grads: list[torch.Tensor] = []
+                for li in reversed(range(len(weights))):
+                    x_in = acts[li]
+                    g_in = g @ v.weights[li] if li else None  # before this layer's update
+                    if plain:  # the SGD step straight into the weights: no gradient tensor
+                        if biases[li] is not None:
+                            v.bias_rows[li].add_(g.sum(1), alpha=-lr)
+                        v.weights[li].baddbmm_(g.transpose(1, 2), x_in, alpha=-lr)
+                    else:
+                        if biases[li] is not None:
+                            grads.append(g.sum(1))
+                        grads.append(g.transpose(1, 2) @ x_in)
+                    if g_in is not None:
+                        g = (torch.ops.aten.threshold_backward(g_in, x_in, 0)  # ReLU's backward
+                             if relu_in[li] else g_in)
+                if plain:
+                    continue
+                grads.reverse()
+                # the first step has every client stepping (m = k): its buffers are whole stacks
+                made = sgd_step(v.params, grads, [buf[:m] for buf in buffers], lr, mu, wd)
+                buffers = buffers or made
     seconds = (time.perf_counter() - start) / k
     results = []
     for i, shard in enumerate(shards):
