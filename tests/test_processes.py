@@ -204,6 +204,18 @@ def test_stacked_children_match_one_by_one_and_say_so(tmp_path):
     assert [r["num_examples"] for r in records(procs)] == [600, 600, 600]
 
 
+def test_async_children_stack_what_is_submitted_together(tmp_path):
+    """Async: the first four tasks go out together (two per child, stacked); each refill after
+    a merge is one task, trained alone. Every merge lands and the report counts both."""
+    res = run(tmp_path, "async", runtime="processes", workers=2, mode="async", concurrency=4,
+              rounds=3)
+    assert res.state.round == 3
+    assert sum(r["clients_succeeded"] for r in records(res)) == 12
+    assert not [f for r in records(res) for f in r["failures"]]
+    reason = res.trainer.reason
+    assert "4 of " in reason and "tasks stacked, the others alone" in reason, reason
+
+
 @pytest.mark.parametrize("once", [True, False], ids=["once", "every-time"])
 def test_child_lost_mid_batch_resends_its_tasks_one_by_one(tmp_path, monkeypatch, once):
     """Clients 0 and 1 go to one child as a batch; it dies (exit 3) on client 0's task before
