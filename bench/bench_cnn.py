@@ -1,5 +1,6 @@
-"""The paper's CNN (B=10, E=5): tinyfed's process runtime (2 workers, one thread each) against
-one client after another in one process (torch on 1 thread, and on every core).
+"""The paper's CNN (B=10, E=5): clients side by side, in one process (lanes, one torch thread
+each: the in-process default for autograd models) and in worker processes (one thread each),
+against one client after another in one process (torch on 1 thread, and on every core).
 
 Each contestant is a whole `tinyfed run` process (FMNIST, K=100, C=0.1, lr 0.05); its wall time
 and its rounds' time (from metrics.jsonl) are measured, contestants alternating, `--repeats`
@@ -29,9 +30,12 @@ def commands(rounds: int, out: Path) -> dict[str, list[str]]:
            "--fraction", "0.1", "--epochs", "5", "--batch-size", "10", "--lr", "0.05",
            "--rounds", str(rounds), "--plain", "--checkpoint-every", "1000000"]
     return {
-        "one after another, 1 thread": [*run, "--threads", "1", "--out", str(out / "t1")],
-        f"one after another, {cores} threads": [*run, "--threads", str(cores), "--out",
-                                                str(out / "tn")],
+        "one after another, 1 thread": [*run, "--threads", "1", "--set", "lanes=1", "--out",
+                                        str(out / "t1")],
+        f"one after another, {cores} threads": [*run, "--threads", str(cores), "--set",
+                                                "lanes=1", "--out", str(out / "tn")],
+        f"in-process, {cores} lanes": [*run, "--threads", str(cores), "--out",
+                                       str(out / "lanes")],
         f"processes ({cores} workers)": [*run, "--runtime", "processes", "--workers",
                                          str(cores), "--out", str(out / "procs")],
     }
@@ -61,13 +65,14 @@ def main() -> None:
         w, r = sorted(walls[label]), sorted(rounds[label])
         print(f"{label:32} {w[0]:7.1f}/{statistics.median(w):6.1f}/{w[-1]:6.1f}   "
               f"{r[0]:9.1f}/{statistics.median(r):6.1f}/{r[-1]:6.1f}")
-    one, procs = list(walls)[:2], list(walls)[2]
+    one = list(walls)[:2]
 
-    def ratio(table: dict[str, list[float]]) -> float:
-        return min(statistics.median(table[k]) for k in one) / statistics.median(table[procs])
+    def ratio(table: dict[str, list[float]], side: str) -> float:
+        return min(statistics.median(table[k]) for k in one) / statistics.median(table[side])
 
-    print(f"best one-after-another / processes: {ratio(walls):.2f}× (median wall), "
-          f"{ratio(rounds):.2f}× (in rounds)")
+    for side in list(walls)[2:]:
+        print(f"best one-after-another / {side}: {ratio(walls, side):.2f}× (median wall), "
+              f"{ratio(rounds, side):.2f}× (in rounds)")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"rerun: PYTHONPATH=src python bench/bench_cnn.py --rounds {args.rounds} "
           f"--repeats {args.repeats}")

@@ -30,7 +30,7 @@ def run(tmp_path, runtime: str, mode: str, **over):
     # over HTTP a process is a device: one id each, so a crash takes down one client only
     # in-process and processes with the fused trainer: clients one by one per worker (stacked,
     # a batch shares a deadline, and a child lost mid-batch resends it: test_processes.py)
-    extra = {"workers": {"processes": 2, "http": 4, "ray": 2}.get(runtime)} \
+    extra = {"workers": {"processes": 2, "http": 4, "ray": 2}[runtime]} \
         if runtime != "inprocess" else {}
     if runtime in ("inprocess", "processes"):
         extra["trainer"] = "fused"

@@ -155,6 +155,9 @@ class Config(BaseModel):
     threads: int = Field(
         0, ge=0, description="torch threads for in-process training; 0 = torch's default "
         "(one per core)")
+    lanes: int = Field(
+        0, ge=0, description="in-process, with the autograd trainer: clients trained side by "
+        "side, one torch thread each; 0 = one per training thread, 1 = one client at a time")
     eval_threads: int = Field(
         0, ge=0, description="torch threads for the server's test-set evaluation; 0 = one per "
         "core (1 with deterministic)")

@@ -156,6 +156,10 @@ def execute(
                  "that corrects gradients)" if tally["alone"] else "")
         trainer = replace(trainer, reason=f"{trainer.reason}; {tally['stacked']} of "
                           f"{tally['stacked'] + tally['alone']} tasks stacked{alone}")
+    lanes = getattr(runtime, "side_by_side", 1)  # in-process clients side by side
+    if lanes > 1:
+        trainer = replace(trainer, reason=f"{trainer.reason}; {lanes} clients at a time in "
+                          f"this process, one torch thread each")
     save_weights(run_dir.model, server.state.weights)
     codecs = config.codec or config.down_codec  # then the plot shows the fp32 baseline too
     write_plot(run_dir, server.state.records,

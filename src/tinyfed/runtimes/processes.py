@@ -426,12 +426,13 @@ class ProcessRuntime:
         code = child.reap()
         sent = dict(slot.current)
         reason = f"child {slot.num} (pid {child.pid}) {what} ({describe_exit(code)})"
+        if not unanswered:  # it broke after every reply, in the BATCH frame: nothing lost
+            return
+        rest = unanswered
         if culprit or len(unanswered) == 1:
             (job, _), rest = unanswered[0], unanswered[1:]
             self._deliver(job, ClientResult.failure(job.task, reason, bytes_down=sent[job.id],
                                                     bytes_up=up))
-        else:  # none, if it broke after every reply (in the BATCH frame): nothing lost
-            rest = unanswered
         for j, f in rest:
             with self.lock:
                 live = j.id in self.live
