@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tinyfed import protocol
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 
@@ -43,6 +44,14 @@ class Job:
     payload: bytes  # the round's weights, safetensors encoded once and shared by its jobs
     expect: Expectation  # what the server accepts as the answer (validation is the caller's)
     due: float  # monotonic time at which the job fails without a result
+
+
+def answer(job: Job, reply: bytes, sent: int) -> ClientResult:
+    """A job's reply frame read as its result (validated against its expectation), with the
+    `sent` bytes of its task frame as what went down."""
+    result = protocol.read_update(reply, job.expect)
+    result.bytes_down = sent
+    return result
 
 
 @dataclass(frozen=True)

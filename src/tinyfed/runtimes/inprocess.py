@@ -26,7 +26,7 @@ import torch
 from tinyfed import protocol, wire
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientWorker
-from tinyfed.runtimes.base import Delivery, Job, Stopped, stacking_plan
+from tinyfed.runtimes.base import Delivery, Job, Stopped, answer, stacking_plan
 from tinyfed.runtimes.lanes import Lanes, lane_count
 from tinyfed.trainers import choose
 
@@ -86,8 +86,7 @@ class InProcessRuntime:
         if self.lanes is not None:
             while self.queue:
                 job = self.queue.popleft()
-                self.lanes.submit(job, protocol.task_frame(job.task, job.payload,
-                                                           self.crc(job.payload)))
+                self.lanes.submit(job, self._frame(job))
             try:
                 return self.done.get(timeout=timeout)
             except queue.Empty:
@@ -96,16 +95,16 @@ class InProcessRuntime:
             jobs = list(self.queue) if self.stacks else [self.queue[0]]
             for _ in jobs:
                 self.queue.popleft()
-            frames = [protocol.task_frame(job.task, job.payload, self.crc(job.payload))
-                      for job in jobs]
+            frames = [self._frame(job) for job in jobs]
             for job, frame, reply in zip(jobs, frames, self.worker.handle_many(frames)):
-                result = protocol.read_update(reply, job.expect)
-                result.bytes_down = len(frame)
-                self.done.put(Delivery(job, result))
+                self.done.put(Delivery(job, answer(job, reply, len(frame))))
         try:
             return self.done.get_nowait()
         except queue.Empty:
             return None
+
+    def _frame(self, job: Job) -> bytes:
+        return protocol.task_frame(job.task, job.payload, self.crc(job.payload))
 
     def cancel(self, job: Job) -> Stopped | None:
         """A due job still queued never starts; one running on a lane cannot be stopped (its

@@ -15,9 +15,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from tinyfed import protocol
 from tinyfed.protocol import ClientResult, ClientWorker
-from tinyfed.runtimes.base import Delivery, Job
+from tinyfed.runtimes.base import Delivery, Job, answer
 
 
 def lane_count(choice_name: str, stacks: bool, threads: int, wanted: int) -> int:
@@ -78,11 +77,11 @@ class Lanes:
                 self.waiting.discard(job.id)
                 self.running.add(job.id)
             try:
-                result = protocol.read_update(worker.handle(frame), job.expect)
+                result = answer(job, worker.handle(frame), len(frame))
             except Exception as exc:  # never lose a job to an unexpected error on a lane
                 result = ClientResult.failure(
-                    job.task, f"in-process lane: {type(exc).__name__}: {exc}")
-            result.bytes_down = len(frame)
+                    job.task, f"in-process lane: {type(exc).__name__}: {exc}",
+                    bytes_down=len(frame))
             with self.lock:
                 self.running.discard(job.id)
             self.done.put(Delivery(job, result))

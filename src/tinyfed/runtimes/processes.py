@@ -41,7 +41,14 @@ from tinyfed.errors import TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped, stacking_plan
+from tinyfed.runtimes.base import (
+    STARTUP_TIMEOUT,
+    Delivery,
+    Job,
+    Stopped,
+    answer,
+    stacking_plan,
+)
 from tinyfed.runtimes.forking import Forked, can_fork, fork_child
 from tinyfed.trainers import choose
 
@@ -383,9 +390,7 @@ class ProcessRuntime:
             reading = True
             for job, frame in batch:
                 reply = pipeio.read_frame(child.from_child, job.expect.max_frame)
-                result = protocol.read_update(reply, job.expect)
-                result.bytes_down = len(frame)
-                self._deliver(job, result)
+                self._deliver(job, answer(job, reply, len(frame)))
                 answered += 1
             if self.stacks:
                 self._count(pipeio.read_frame(child.from_child))

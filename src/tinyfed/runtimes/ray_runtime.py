@@ -30,7 +30,7 @@ from tinyfed import protocol, wire
 from tinyfed.errors import ConfigError, TinyfedError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped
+from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped, answer
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster address to answer before giving up
 INSTALL_HINT = 'pip install "tinyfed[ray]"'
@@ -291,9 +291,7 @@ class RayRuntime:
         if not isinstance(reply, bytes):
             return ClientResult.failure(job.task, f"actor returned {type(reply).__name__}, "
                                         "not frame bytes", bytes_down=job.frame_len)
-        result = protocol.read_update(reply, job.job.expect)
-        result.bytes_down = job.frame_len
-        return result
+        return answer(job.job, reply, job.frame_len)
 
     def cancel(self, job: Job) -> Stopped:
         """A due job: a running one's actor is killed and replaced, a queued one never starts.
