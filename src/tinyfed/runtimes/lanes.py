@@ -82,6 +82,6 @@ class Lanes:
                 result = ClientResult.failure(
                     job.task, f"in-process lane: {type(exc).__name__}: {exc}",
                     bytes_down=len(frame))
+            self.done.put(Delivery(job, result))  # first: a cancel never finds it nowhere
             with self.lock:
                 self.running.discard(job.id)
-            self.done.put(Delivery(job, result))
