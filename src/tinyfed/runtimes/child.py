@@ -130,10 +130,10 @@ def serve(read_fd: int, write_fd: int, num: int) -> int:
             reason = f"child {num}: {exc}"
             pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.FAILURE, {"reason": reason}))
             return 1
-        answer(frame, write_fd, worker)
+        reply_to(frame, write_fd, worker)
 
 
-def answer(frame: bytes, write_fd: int, worker) -> None:
+def reply_to(frame: bytes, write_fd: int, worker) -> None:
     """One task's reply written (or the test hook's misbehaviour acted out in its place)."""
     from tinyfed.runtimes import pipeio
 
@@ -167,7 +167,7 @@ def serve_batch(read_fd: int, write_fd: int, worker, count: int) -> None:
     before = dict(worker.tally)
     if os.environ.get(FAULT_ENV):
         for frame in frames:
-            answer(frame, write_fd, worker)
+            reply_to(frame, write_fd, worker)
     else:
         pipeio.write_all(write_fd, b"".join(worker.handle_many(frames)))
     trained = {k: worker.tally[k] - before.get(k, 0) for k in ("stacked", "alone")}

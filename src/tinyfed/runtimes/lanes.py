@@ -2,11 +2,11 @@
 own with its own worker (model), torch on one thread per lane.
 
 Why: a model the fused and stacked trainers cannot train (the paper's CNN, a user's module)
-trains through autograd, whose large kernels share two cores badly within one client (two torch
-threads gave the CNN 1.15× one) but well between two clients (torch releases the GIL inside its
-kernels): the parallelism of two worker processes, without their start-up
-(`bench/bench_cnn.py`). Each lane's result is a whole task's, trained on one thread exactly as
-a child process trains it, so results equal the process runtime's.
+trains through autograd, whose kernels use two cores better split between two clients than
+shared by one (torch releases the GIL inside its kernels): two lanes trained the CNN 1.15×
+faster than one client at a time on two threads, as fast as two worker processes end to end,
+without their start-up (`bench/bench_cnn.py`, docs/benchmarks.md section 7). Each lane trains
+a whole task on one thread, as a child of the process runtime does.
 """
 
 from __future__ import annotations
