@@ -1,6 +1,8 @@
 """The paper's CNN (B=10, E=5): clients side by side, in one process (lanes, one torch thread
 each: the in-process default for autograd models) and in worker processes (one thread each),
-against one client after another in one process (torch on 1 thread, and on every core).
+against one client after another in one process (torch on 1 thread, and on every core), and
+against a plain PyTorch loop training one client after another on every core
+(`plain_fedavg.py --model cnn`: no framework, NCHW as PyTorch defaults).
 
 Each contestant is a whole `tinyfed run` process (FMNIST, K=100, C=0.1, lr 0.05); its wall time
 and its rounds' time (from metrics.jsonl) are measured, contestants alternating, `--repeats`
@@ -29,7 +31,12 @@ def commands(rounds: int, out: Path) -> dict[str, list[str]]:
     run = [sys.executable, "-m", "tinyfed", "run", "--model", "cnn", "--clients", "100",
            "--fraction", "0.1", "--epochs", "5", "--batch-size", "10", "--lr", "0.05",
            "--rounds", str(rounds), "--plain", "--checkpoint-every", "1000000"]
+    plain = [sys.executable, str(Path(__file__).resolve().parent / "plain_fedavg.py"), "--model",
+             "cnn", "--clients", "100", "--fraction", "0.1", "--epochs", "5", "--batch-size",
+             "10", "--lr", "0.05", "--rounds", str(rounds)]
     return {
+        f"plain loop, {cores} threads": [*plain, "--threads", str(cores), "--out",
+                                         str(out / "plain")],
         "one after another, 1 thread": [*run, "--threads", "1", "--set", "lanes=1", "--out",
                                         str(out / "t1")],
         f"one after another, {cores} threads": [*run, "--threads", str(cores), "--set",
@@ -65,14 +72,14 @@ def main() -> None:
         w, r = sorted(walls[label]), sorted(rounds[label])
         print(f"{label:32} {w[0]:7.1f}/{statistics.median(w):6.1f}/{w[-1]:6.1f}   "
               f"{r[0]:9.1f}/{statistics.median(r):6.1f}/{r[-1]:6.1f}")
-    one = list(walls)[:2]
-
-    def ratio(table: dict[str, list[float]], side: str) -> float:
-        return min(statistics.median(table[k]) for k in one) / statistics.median(table[side])
-
-    for side in list(walls)[2:]:
-        print(f"best one-after-another / {side}: {ratio(walls, side):.2f}× (median wall), "
-              f"{ratio(rounds, side):.2f}× (in rounds)")
+    baselines, sides = list(walls)[:3], list(walls)[3:]
+    for side in sides:
+        for base in baselines:
+            print(f"{side} against {base}: "
+                  f"{statistics.median(walls[base]) / statistics.median(walls[side]):.2f}× "
+                  f"(median wall), "
+                  f"{statistics.median(rounds[base]) / statistics.median(rounds[side]):.2f}× "
+                  f"(in rounds)")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"rerun: PYTHONPATH=src python bench/bench_cnn.py --rounds {args.rounds} "
           f"--repeats {args.repeats}")

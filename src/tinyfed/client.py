@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from tinyfed.layout import channels_last, channels_last_safe
+
 Tensors = dict[str, torch.Tensor]
 EVAL_BATCH = 1000
 
@@ -131,7 +133,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
              threads: int | None = None) -> dict:
     """Accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted).
     `threads`: torch threads for this call only (training's setting is restored after)."""
-    with torch_threads(threads):
+    with torch_threads(threads), channels_last(model, channels_last_safe(model)):
         return _evaluate(model, x, y, num_classes)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tinyfed.client import train
 from tinyfed.errors import ConfigError
 from tinyfed.fused import train_fused, unfusable
+from tinyfed.layout import channels_last, channels_last_safe
 from tinyfed.vectorized import stacking_pays
 
 TRAINERS = ("auto", "vectorized", "fused", "autograd")
@@ -28,6 +29,20 @@ class Choice:
     stacks: bool = False  # clients handed over together train as one stacked computation
 
 
+def train_channels_last(model: nn.Module, *args, **kwargs) -> dict[str, float]:
+    """`client.train` with the convolution weights channels-last (`tinyfed.layout`)."""
+    with channels_last(model):
+        return train(model, *args, **kwargs)
+
+
+def _autograd(model: nn.Module, reason: str) -> Choice:
+    """The autograd loop, channels-last where the model is known to allow it."""
+    if channels_last_safe(model):
+        return Choice("autograd", f"{reason}; convolutions channels-last (NHWC)",
+                      train_channels_last)
+    return Choice("autograd", reason, train)
+
+
 def choose(model: nn.Module, wanted: str, optimizer: str, threads: int = 1,
            batch_size: int = 0, stacking: bool = False) -> Choice:
     """The trainer for `model` under the config's `trainer` and `optimizer`; `stacking`: the
@@ -37,7 +52,7 @@ def choose(model: nn.Module, wanted: str, optimizer: str, threads: int = 1,
     if wanted not in TRAINERS:
         raise ConfigError(f"trainer {wanted!r} is unknown; allowed: {', '.join(TRAINERS)}")
     if wanted == "autograd":
-        return Choice("autograd", "chosen by the config", train)
+        return _autograd(model, "chosen by the config")
     why = unfusable(model)
     if why is None and optimizer != "sgd":
         why = f"the optimizer is {optimizer}, not sgd"
@@ -46,7 +61,7 @@ def choose(model: nn.Module, wanted: str, optimizer: str, threads: int = 1,
             raise ConfigError(f"trainer {wanted!r} cannot train this model: {why}; it trains "
                               f"nn.Flatten + nn.Linear/nn.ReLU stacks with SGD (use 'auto' or "
                               f"'autograd')")
-        return Choice("autograd", f"not fusable: {why}", train)
+        return _autograd(model, f"not fusable: {why}")
     if wanted == "vectorized":
         if stacking:
             return Choice("vectorized", "chosen by the config: a round's clients as one "
