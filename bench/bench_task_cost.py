@@ -9,6 +9,10 @@ model, loading, training, encoding the update and its frame) and the server admi
 Training alone is timed on the same task (`prepare` + `train_one`), so the worker's wire work
 is `handle` minus it. min/median/max over the tasks; one torch thread.
 
+Then a worker reading a batch of 10 task frames that carry the same weights (decoding, checks
+and `prepare`, no training), each frame alone against the batch's `wire.PayloadMemo` (the
+weights' CRC and finiteness check once a batch), alternating.
+
     PYTHONPATH=src python bench/bench_task_cost.py [--tasks 60]
 """
 
@@ -66,6 +70,27 @@ def main() -> None:
     wire_ms = med["task frame"] + med["handle"] - med["training"] + med["admit update"]
     print(f"  per-task wire work (medians: frame + handle − training + admit): {wire_ms:.2f} ms"
           f" = {100 * wire_ms / med['training']:.1f} % of the task's training")
+    batch = [task_frame(ClientTask(i, 1, task_seed(0, 1, i), settings, ""), payload, crc)
+             for i in range(10)]
+    per_task: dict[str, list[float]] = {"each frame alone": [], "one memo a batch": []}
+    for i in range(args.tasks + 5):
+        for label in per_task:
+            memo = wire.PayloadMemo() if label == "one memo a batch" else None
+            t0 = time.perf_counter()
+            for frame in batch:
+                msg = wire.decode_frame(frame, worker.max_frame, memo)
+                worker.prepare(ClientTask.from_header(msg.header), msg.tensors, msg.memory,
+                               memo.checked if memo is not None else None)
+            if i >= 5:
+                per_task[label].append((time.perf_counter() - t0) * 1e3 / len(batch))
+    print("  reading a batch of 10 task frames (decode + checks + prepare), per task:")
+    for label, values in per_task.items():
+        print(f"    {label:17} {min(values):7.3f} / {statistics.median(values):7.3f} / "
+              f"{max(values):7.3f} ms")
+    saved = statistics.median(per_task["each frame alone"]) - statistics.median(
+        per_task["one memo a batch"])
+    print(f"    saved per task: {saved:.3f} ms = {100 * saved / med['training']:.1f} % of the "
+          f"task's training")
     print(f"rerun: PYTHONPATH=src python bench/bench_task_cost.py --tasks {args.tasks}")
 
 

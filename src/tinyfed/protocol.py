@@ -235,9 +235,10 @@ class ClientWorker:
         gradients) one by one. One bad task fails alone; this never raises for a bad task."""
         out: list[bytes | None] = [None] * len(frames)
         groups: dict[TrainSettings, list[tuple[int, _Prepared]]] = {}
+        memo = wire.PayloadMemo()  # the batch's shared weights: CRC'd and checked once
         for i, frame in enumerate(frames):
             try:
-                msg = wire.decode_frame(frame, self.max_frame)
+                msg = wire.decode_frame(frame, self.max_frame, memo)
                 if msg.kind != Kind.TASK:
                     raise WireError(f"expected a task frame, got {msg.kind.name}")
                 task = ClientTask.from_header(msg.header)
@@ -248,7 +249,7 @@ class ClientWorker:
             if out[i] is not None:
                 continue
             try:
-                job = self.prepare(task, msg.tensors, msg.memory)
+                job = self.prepare(task, msg.tensors, msg.memory, memo.checked)
                 if self._stacks(job):
                     groups.setdefault(task.settings, []).append((i, job))
                 else:
@@ -286,10 +287,12 @@ class ClientWorker:
                         stacking=True)
         return choice.stacks and job.correct is None and len(job.shard) > 0
 
-    def prepare(self, task: ClientTask, payload: Tensors,
-                memory: Tensors | None = None) -> _Prepared:
+    def prepare(self, task: ClientTask, payload: Tensors, memory: Tensors | None = None,
+                checked: set[str] | None = None) -> _Prepared:
         """The task's global weights decoded, checked and loaded into the model; its shard
-        (poisoned, for an attack); its client algorithm's gradient correction."""
+        (poisoned, for an attack); its client algorithm's gradient correction. `checked`: the
+        down codecs whose decoding of this very payload (same bytes) already passed the check
+        (`wire.PayloadMemo`); decoding is a function of the bytes, so it is not repeated."""
         algorithm = client_algorithm(task.algorithm)
         attack = attack_of(task.attack)
         payload, extras = split_extras(payload)
@@ -303,13 +306,17 @@ class ClientWorker:
                                 f"{'none' if held_version is None else held_version.tolist()}")
             global_weights = apply_steps(payload, held, task.base_version, task.version,
                                          task.down_codec, self.max_frame)
+            wire.validate_tensors(global_weights, self.spec, "global model")  # held: not memoized
         else:
             if task.down_codec.startswith("delta"):
                 raise WireError(f"down_codec {task.down_codec!r} sends steps, but the task names "
                                 f"no base_version to start from")
             down = parse_pipeline(task.down_codec, WireError, downlink=True)
             global_weights = down.decode(payload, self.model.state_dict(), self.max_frame)
-        wire.validate_tensors(global_weights, self.spec, "global model")
+            if checked is None or task.down_codec not in checked:
+                wire.validate_tensors(global_weights, self.spec, "global model")
+                if checked is not None:
+                    checked.add(task.down_codec)
         self.model.load_state_dict(global_weights)
         shard = self.shard(task.client_id)
         if attack is not None:

@@ -69,6 +69,7 @@ class Message:
     size: int = 0  # bytes of the whole frame as received
     memory: Tensors = field(default_factory=dict)  # the simulated device's memory section
     memory_bytes: int = 0  # its size: part of `size`, not of the radio traffic
+    repeat: bool = False  # its payload's bytes equal the previous frame's (a PayloadMemo's)
 
     @property
     def radio_bytes(self) -> int:
@@ -266,8 +267,28 @@ def decode_header(head: bytes) -> dict[str, Any]:
     return header
 
 
-def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
-    """Parse and check a whole frame: size, magic, version, kind, checksum, header, payload."""
+@dataclass
+class PayloadMemo:
+    """The last payload `decode_frame` read and its CRC. The task frames of one batch carry the
+    same global weights (800 kB for the 2NN): with a memo their checksum is computed once, and
+    `checked` lets the reader check the decoded weights once (what it verified on this blob)."""
+
+    blob: bytes = b""
+    crc: int = 0
+    checked: set[str] = field(default_factory=set)
+
+    def crc_of(self, payload: bytes) -> tuple[int, bool]:
+        """(CRC-32 of `payload`, whether it equals the last one: one memcmp, not a CRC)."""
+        if payload and payload == self.blob:
+            return self.crc, True
+        self.blob, self.crc, self.checked = payload, crc32(payload), set()
+        return self.crc, False
+
+
+def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME,
+                 memo: PayloadMemo | None = None) -> Message:
+    """Parse and check a whole frame: size, magic, version, kind, checksum, header, payload.
+    Every frame's checksum is checked; `memo` only saves recomputing a repeated payload's."""
     if len(data) < PREFIX_SIZE:
         raise WireError(f"truncated frame: {len(data)} bytes, prefix needs {PREFIX_SIZE}")
     total = frame_length(bytes(data[:PREFIX_SIZE]), max_size)
@@ -276,7 +297,8 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     _, _, kind, head_len, _, crc = PREFIX.unpack(data[:PREFIX_SIZE])
     head = bytes(data[PREFIX_SIZE : PREFIX_SIZE + head_len])
     payload = bytes(data[PREFIX_SIZE + head_len :])
-    if crc32(head, crc32(payload)) != crc:
+    payload_crc, repeat = memo.crc_of(payload) if memo is not None else (crc32(payload), False)
+    if crc32(head, payload_crc) != crc:
         raise WireError("frame checksum mismatch: the message was corrupted in transit")
     header = decode_header(head)
     cut = header.get(MEMORY_FIELD, 0)
@@ -286,7 +308,7 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     split = len(payload) - cut
     tensors, memory = _safetensors(payload[:split], "payload"), _safetensors(
         payload[split:], "device-memory section")
-    return Message(Kind(kind), header, tensors, total, memory, cut)
+    return Message(Kind(kind), header, tensors, total, memory, cut, repeat)
 
 
 def _safetensors(blob: bytes, what: str) -> Tensors:
