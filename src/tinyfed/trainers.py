@@ -16,6 +16,7 @@ from tinyfed.client import train
 from tinyfed.errors import ConfigError
 from tinyfed.fused import train_fused, unfusable
 from tinyfed.layout import channels_last, channels_last_safe
+from tinyfed.linear_step import stepping
 from tinyfed.vectorized import stacking_pays
 
 TRAINERS = ("auto", "vectorized", "fused", "autograd")
@@ -29,17 +30,20 @@ class Choice:
     stacks: bool = False  # clients handed over together train as one stacked computation
 
 
-def train_channels_last(model: nn.Module, *args, **kwargs) -> dict[str, float]:
-    """`client.train` with the convolution weights channels-last (`tinyfed.layout`)."""
+def train_known_sequential(model: nn.Module, shard, settings, seed: int,
+                           correct: Callable[[], None] | None = None) -> dict[str, float]:
+    """`client.train` for a conv `nn.Sequential` whose layers are all known: weights
+    channels-last (`tinyfed.layout`), and under plain SGD its linear layers step inside their
+    backward (`tinyfed.linear_step`)."""
     with channels_last(model):
-        return train(model, *args, **kwargs)
+        return train(stepping(model, settings, correct), shard, settings, seed, correct)
 
 
 def _autograd(model: nn.Module, reason: str) -> Choice:
-    """The autograd loop, channels-last where the model is known to allow it."""
+    """The autograd loop, made faster where the model's layers are all known."""
     if channels_last_safe(model):
-        return Choice("autograd", f"{reason}; convolutions channels-last (NHWC)",
-                      train_channels_last)
+        return Choice("autograd", f"{reason}; convolutions channels-last (NHWC), linear layers "
+                      f"stepped in their backward under plain SGD", train_known_sequential)
     return Choice("autograd", reason, train)
 
 
