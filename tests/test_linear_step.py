@@ -70,3 +70,48 @@ def test_linear_layers_it_cannot_step_keep_autograd():
     hooked = small_cnn()
     hooked[-1].register_forward_hook(lambda *_: None)
     assert stepping(hooked, PLAIN, None) is hooked
+
+
+def test_plain_sgd_is_torch_optims_step_bit_for_bit():
+    from tinyfed.client import PlainSGD, make_optimizer
+
+    x, y = shard(40).x, shard(40).y
+    results = []
+    for make in (lambda ps: PlainSGD(ps, 0.05), lambda ps: torch.optim.SGD(ps, lr=0.05)):
+        m = small_cnn()
+        m[0].weight.requires_grad_(False)  # frozen parameters are left alone by both
+        opt = make(m.parameters())
+        for lo in range(0, 40, 8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[lo:lo + 8]), y[lo:lo + 8]).backward()
+            opt.step()
+        results.append(state_of(m))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert isinstance(make_optimizer([], PLAIN), PlainSGD)
+    momentum = TrainSettings(lr=0.05, momentum=0.5)
+    assert isinstance(make_optimizer(small_cnn().parameters(), momentum), torch.optim.SGD)
+
+
+def test_a_worker_training_a_cnn_with_plain_sgd_never_imports_torch_dynamo(cli_env):
+    """torch.optim's first use imports torch._dynamo (~1 s a process); plain SGD needs none."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from tests.conftest import small_config
+from tinyfed import wire
+from tinyfed.client import TrainSettings
+from tinyfed.protocol import ClientTask, task_frame
+from tinyfed.worker import build_worker
+cfg = small_config(model="cnn", threads=1)
+worker = build_worker(cfg)
+payload = wire.encode_tensors({k: v for k, v in worker.model.state_dict().items()})
+reply = worker.handle(task_frame(ClientTask(0, 1, 5, TrainSettings(batch_size=20)), payload))
+assert wire.decode_frame(reply).kind == wire.Kind.UPDATE
+print("torch._dynamo" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"

@@ -54,17 +54,12 @@ class _SteppingLinear(nn.Module):
         return _LinearStep.apply(x, self.linear.weight, self.linear.bias, self.lr)
 
 
-def plain_sgd(settings: TrainSettings) -> bool:
-    """The optimizer step is w -= lr·g and nothing else."""
-    return settings.optimizer == "sgd" and settings.momentum == 0 and settings.weight_decay == 0
-
-
 def stepping(model: nn.Sequential, settings: TrainSettings, correct) -> nn.Module:
     """`model` itself, or, under plain SGD with nothing correcting its gradients, a Sequential
     over the same layers whose linear layers step in backward. Only for an `nn.Sequential` whose
     layers' forwards are known (the caller checks: `layout.channels_last_safe`) and whose linear
     layers all train, with a bias, and carry no hooks."""
-    if correct is not None or not plain_sgd(settings):
+    if correct is not None or not settings.plain_sgd:
         return model
     linears = [layer for layer in model if type(layer) is nn.Linear]
     if not linears or any(

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from tinyfed.client import Shard
+from tinyfed.client import Shard, TrainSettings, make_optimizer
 from tinyfed.config import Config
 from tinyfed.data.shared import SharedExamples, attach, client_rows
 from tinyfed.experiment import load_data, shard_of, split
@@ -51,8 +51,10 @@ def build_worker(config: Config, threads: int | None = None,
         worker = ClientWorker(config.model, dataset.input_shape, dataset.num_classes,
                               lambda cid: shard_of(dataset, parts, cid),
                               max_frame=config.max_frame, trainer=config.trainer)
-    # torch's first optimizer imports torch._dynamo (~800 modules, seconds): pay it while
-    # starting, not inside the first round's deadline; the fused trainer needs none.
+    # torch's first optimizer imports torch._dynamo (~800 modules, 1 s): pay it while
+    # starting, not inside the first round's deadline; the fused trainer and plain SGD need none.
     if choose(worker.model, config.trainer, config.optimizer).name == "autograd":
-        torch.optim.SGD(worker.model.parameters(), lr=0.1)
+        make_optimizer(worker.model.parameters(), TrainSettings(
+            optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay))
     return worker
