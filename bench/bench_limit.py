@@ -8,7 +8,9 @@ fraction of the matmul rate. It also trains N clients of the same shape as one s
 computation (per-client weights in a batch dimension: `bmm` for linear layers, a grouped
 convolution for conv layers; autograd as usual), the vectorization issue 14 proposes, and
 reports its throughput beside the one-by-one loop's, alternating the two, min/median/max; for
-models the fused trainer takes (`tinyfed.fused`: no autograd), its throughput and fraction too.
+models the fused trainer takes (`tinyfed.fused`: no autograd), its throughput and fraction too,
+and for conv models whose layers are all known, tinyfed's autograd path (channels-last
+convolutions, linear layers stepped in their backward: `trainers.train_known_sequential`).
 
     PYTHONPATH=src python bench/bench_limit.py [--repeats 5] [--clients 10]
 """
@@ -27,7 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinyfed.client import Shard, TrainSettings
 from tinyfed.fused import train_fused, unfusable
+from tinyfed.layout import channels_last_safe
 from tinyfed.models import build_model
+from tinyfed.trainers import train_known_sequential
 
 
 def matmul_rate(threads: int, size: int = 1024, seconds: float = 1.0) -> float:
@@ -111,6 +115,18 @@ def fused(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, batch: int) -> N
         train_fused(model, Shard(x, y), settings, seed=i)
 
 
+def known(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, batch: int) -> None:
+    """N clients one after another on tinyfed's autograd path for a conv Sequential whose layers
+    are all known (`trainers.train_known_sequential`: channels-last convolutions, linear layers
+    stepped in their backward, plain SGD without torch.optim)."""
+    settings = TrainSettings(epochs=1, batch_size=batch, lr=0.01)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        train_known_sequential(model, Shard(x, y), settings, seed=i)
+
+
+EXTRA = {"fused": "fused:", "known": "tinyfed autograd:"}  # contestants beside the plain loop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -136,6 +152,8 @@ def main() -> None:
             contestants = {"one": one_by_one, "stacked": stacked}
             if unfusable(model) is None:
                 contestants["fused"] = fused
+            if channels_last_safe(model):
+                contestants["known"] = known
             rates = {key: [] for key in contestants}
             for fn in contestants.values():  # warm up every path
                 fn(model, xs[:2], ys[:2], batch)
@@ -151,11 +169,13 @@ def main() -> None:
                   f"{one[0]:10.0f}/{statistics.median(one):7.0f}/{one[-1]:7.0f}   "
                   f"{100 * frac:8.1f}% {st[0]:9.0f}/{statistics.median(st):7.0f}/{st[-1]:7.0f}"
                   f" {statistics.median(st) / statistics.median(one):14.2f}", flush=True)
-            if "fused" in rates:
-                fu = sorted(rates["fused"])
-                print(f"{'':5} {'':4} {'fused:':>12} {fu[0]:10.0f}/{statistics.median(fu):7.0f}/"
+            for key, label in EXTRA.items():
+                if key not in rates:
+                    continue
+                fu = sorted(rates[key])
+                print(f"{'':5} {'':4} {label:>12} {fu[0]:10.0f}/{statistics.median(fu):7.0f}/"
                       f"{fu[-1]:7.0f}   {100 * statistics.median(fu) * flops / 1e9 / peak:8.1f}%"
-                      f" (fused/1-by-1 {statistics.median(fu) / statistics.median(one):.2f})",
+                      f" ({key}/1-by-1 {statistics.median(fu) / statistics.median(one):.2f})",
                       flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"rerun: PYTHONPATH=src python bench/bench_limit.py --repeats {args.repeats} "
