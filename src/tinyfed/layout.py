@@ -1,7 +1,8 @@
 """Channels-last (NHWC) convolution weights while a known-safe conv model trains or evaluates.
 
-oneDNN's NHWC convolutions are faster on this CPU than NCHW ones: the paper's CNN trains
-1.2-1.4x and evaluates 1.5x faster (bench/bench_cnn.py, docs/benchmarks.md section 7). With the
+oneDNN's NHWC convolutions are faster on this CPU than NCHW ones: a throwaway timing put the
+paper's CNN at 1.15-1.4x a training step and 1.5x an evaluation (the whole autograd path is in
+docs/benchmarks.md, sections 4 and 7). With the
 weights channels-last, PyTorch runs every convolution (and its backward) channels-last, and the
 activations stay so until `nn.Flatten`, which reshapes in logical (NCHW) order: the same
 function, only float rounding differs (and it is the same run to run). Only an `nn.Sequential`

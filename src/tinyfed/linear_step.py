@@ -8,8 +8,8 @@ the gradients) the step can go straight into the weights in the gradient's own p
 (`addmm_` with α = −lr), as `tinyfed.fused` does for the 2NN: no gradient tensor is written,
 the weights are read and written once. The layer's input gradient is computed first, from the
 weights as they were, so every gradient is the one autograd computes; only rounding differs.
-Measured on this machine: 1.13x a step alone, 1.18x with two clients side by side
-(docs/benchmarks.md section 7).
+A throwaway timing on this machine: 1.13x a step alone, 1.18x with two clients side by side
+(the whole autograd path: docs/benchmarks.md, sections 4 and 7).
 """
 
 from __future__ import annotations
