@@ -3,10 +3,12 @@ own with its own worker (model), torch on one thread per lane.
 
 Why: a model the fused and stacked trainers cannot train (the paper's CNN, a user's module)
 trains through autograd, whose kernels use two cores better split between two clients than
-shared by one (torch releases the GIL inside its kernels): two lanes trained the CNN 1.15×
-faster than one client at a time on two threads, as fast as two worker processes end to end,
-without their start-up (`bench/bench_cnn.py`, docs/benchmarks.md section 7). Each lane trains
-a whole task on one thread, as a child of the process runtime does.
+shared by one (torch releases the GIL inside its kernels): two lanes trained the CNN 1.16×
+faster than one client at a time on two threads and 1.78× faster than a plain PyTorch loop
+doing so, a little faster than two worker processes end to end (`bench/bench_cnn.py`,
+docs/benchmarks.md section 7). Each lane trains a whole task on one thread, as a child of the
+process runtime does. Per-step Python holds the GIL the lanes share: the autograd path keeps it
+short (`client.PlainSGD` instead of torch.optim's step).
 """
 
 from __future__ import annotations
