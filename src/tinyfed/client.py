@@ -71,10 +71,10 @@ OPTIMIZERS = {
 
 
 class PlainSGD:
-    """w -= lr·g for every parameter with a gradient: `torch.optim.SGD`'s foreach step without
-    momentum or weight decay, the same arithmetic. Written out because torch.optim's first use
-    in a process imports torch._dynamo (about 1 s on this machine, 800 modules), paid by every
-    child and actor before its first task."""
+    """w -= lr·g for every parameter with a gradient: `torch.optim.SGD`'s step without momentum
+    or weight decay, bit for bit (tested). Written out because torch.optim's first use in a
+    process imports torch._dynamo (about 1 s here, 800 modules), paid by every child and actor,
+    and its per-step Python holds the GIL that in-process lanes share."""
 
     def __init__(self, params, lr: float) -> None:
         self.params = [p for p in params if p.requires_grad]

@@ -100,7 +100,7 @@ def train_fused(model: nn.Module, shard: Shard, settings: TrainSettings, seed: i
     params = [p for w, _, b, _, _ in layers for p in (w, b) if p is not None]
     buffers: list[torch.Tensor] = []
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
-    plain = not mu and not wd and correct is None  # w -= lr·∇, fused into ∇'s product
+    plain = settings.plain_sgd and correct is None  # w -= lr·∇, fused into ∇'s product
     x = shard.x.reshape(n, -1)
     eye = torch.eye(layers[-1][0].shape[0])  # one-hot rows for the last layer's outputs
     loss_sum = torch.zeros(())

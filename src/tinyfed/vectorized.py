@@ -184,7 +184,7 @@ def _train_chunk(model: nn.Module, starts: Sequence[Tensors], shards: Sequence[S
     eye = torch.eye(classes)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     lr, mu, wd = settings.lr, settings.momentum, settings.weight_decay
-    plain = not mu and not wd  # the step is w -= lr·∇: fused into the gradient's product
+    plain = settings.plain_sgd  # the step is w -= lr·∇: fused into the gradient's product
     buffers: list[torch.Tensor] = []
     loss_sum = torch.zeros(k)
     views: dict[int, _Prefix] = {}
