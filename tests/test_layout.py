@@ -132,3 +132,16 @@ def test_a_sequential_with_a_custom_layer_keeps_nchw():
         pass
 
     assert not channels_last_safe(nn.Sequential(MyConv(1, 2, 3), nn.Flatten()))
+
+
+def test_a_cnn_run_is_bit_identical_in_process_and_in_worker_processes(tmp_path):
+    """The faster autograd path is taken the same way in every runtime (the report says so)."""
+    from tests.conftest import run_small, same_tensors
+    from tinyfed.runner import summary
+
+    over = dict(model="cnn", deterministic=True, rounds=2, batch_size=10)
+    inproc = run_small(tmp_path, "inproc", **over)
+    procs = run_small(tmp_path, "procs", runtime="processes", workers=2, **over)
+    assert same_tensors(inproc.weights, procs.weights)
+    for done in (inproc, procs):
+        assert "convolutions channels-last (NHWC), linear layers stepped" in summary(done)
