@@ -7,6 +7,12 @@ so start-up is reported apart from rounds; round 1 is reported apart (warm-up).
 
     PYTHONPATH=src python bench/bench_ray.py [--rounds 6] [--workers 2]
         [--only inprocess,threads,processes,ray]
+
+`--stacking N` instead races, alternating N times, the Ray runtime handing each actor one
+client per call (`trainer=fused`) against a batch per actor trained stacked (the default),
+and prints min/median/max of start-up and of the rounds' median.
+
+    PYTHONPATH=src python bench/bench_ray.py --stacking 3 [--rounds 6] [--workers 2]
 """
 
 from __future__ import annotations
@@ -57,16 +63,42 @@ def ray_costs(runtime, exp: Experiment) -> dict:
     return dict(put=put, call=call, payload=len(payload))
 
 
+def stacking(repeats: int, rounds: int, workers: int) -> None:
+    """One client per actor call against a batch per actor, alternating."""
+    rows: dict[str, list[dict]] = {"ray, one client per call (fused)": [],
+                                   "ray, a batch per actor (stacked)": []}
+    for _ in range(repeats):
+        for label, trainer in zip(rows, ("fused", "auto")):
+            rows[label].append(measure(label, 1, runtime="ray", workers=workers, rounds=rounds,
+                                       trainer=trainer))
+    print()
+    for label, runs in rows.items():
+        for key in ("startup", "median"):
+            v = sorted(r[key] for r in runs)
+            print(f"{label:34s} {'start-up' if key == 'startup' else 'rounds median':14s} "
+                  f"{v[0]:.3f} / {statistics.median(v):.3f} / {v[-1]:.3f} s")
+    a, b = (statistics.median(r["median"] for r in runs) for runs in rows.values())
+    print(f"stacked ÷ one per call, rounds: {a / b:.2f}× faster; load "
+          f"{os.getloadavg()[0]:.2f} at end\nrerun: PYTHONPATH=src python bench/bench_ray.py "
+          f"--stacking {repeats} --rounds {rounds} --workers {workers}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="inprocess,processes,ray",
                     help="rows: inprocess,threads,processes,ray")
+    ap.add_argument("--stacking", type=int, default=0, metavar="N",
+                    help="race one client per call against stacked batches, N times")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     w = args.workers
-    print(f"Fashion-MNIST 2NN, K=100 C=0.1 E=1 B=10, {args.rounds} rounds, {cores} cores")
+    print(f"Fashion-MNIST 2NN, K=100 C=0.1 E=1 B=10, {args.rounds} rounds, {cores} cores, "
+          f"load {os.getloadavg()[0]:.2f}")
+    if args.stacking:
+        stacking(args.stacking, args.rounds, w)
+        return
     want = set(args.only.split(","))
     rows = {}
     if "inprocess" in want:

@@ -28,11 +28,12 @@ BAD = 3  # the misbehaving client: last in selection order, so in-process no tas
 
 def run(tmp_path, runtime: str, mode: str, **over):
     # over HTTP a process is a device: one id each, so a crash takes down one client only
-    # in-process and processes with the fused trainer: clients one by one per worker (stacked,
-    # a batch shares a deadline, and a child lost mid-batch resends it: test_processes.py)
+    # in-process, processes and Ray with the fused trainer: clients one by one per worker
+    # (stacked, a batch shares a deadline, and a worker lost mid-batch resends it:
+    # test_processes.py, test_ray_runtime.py)
     extra = {"workers": {"processes": 2, "http": 4, "ray": 2}[runtime]} \
         if runtime != "inprocess" else {}
-    if runtime in ("inprocess", "processes"):
+    if runtime in ("inprocess", "processes", "ray"):
         extra["trainer"] = "fused"
     cfg = small_config(out=str(tmp_path / f"{runtime}-{mode}"), runtime=runtime, mode=mode,
                        clients=4, concurrency=4 if mode == "async" else None, **extra, **over)

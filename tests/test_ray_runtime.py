@@ -269,6 +269,88 @@ def test_bad_address_and_missing_ray_are_clear_errors(monkeypatch):
         RayRuntime(small_config(runtime="ray"))
 
 
+def test_stacked_actors_match_one_by_one_and_say_so(tmp_path, monkeypatch):
+    """Not deterministic, each actor trains the clients dealt to it as one stacked computation
+    (mlp128 at B=20 on one thread): the same updates as one client after another, to float
+    tolerance, the same bytes on the wire, and the report counts what the actors stacked."""
+    assert not ray.is_initialized(), "another test left a Ray session open"
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    alone = run(tmp_path, "alone", rounds=3, trainer="fused")
+    res = run(tmp_path, "ray", rounds=3, runtime="ray", workers=2)
+    assert res.trainer.stacks and res.trainer.name == "vectorized"
+    assert res.trainer.reason.endswith("; 12 of 12 tasks stacked"), res.trainer.reason
+    ra, rb = records(alone), records(res)
+    assert [r["bytes_down"] for r in ra] == [r["bytes_down"] for r in rb]
+    assert [r["bytes_up"] for r in ra] == [r["bytes_up"] for r in rb]
+    for k, v in alone.state.weights.items():
+        torch.testing.assert_close(res.state.weights[k], v, rtol=1e-4, atol=1e-5)
+    assert not ray.is_initialized()
+
+
+def test_async_actors_stack_what_is_submitted_together(tmp_path, monkeypatch):
+    """Async: the first four tasks go out together (two per actor, stacked); each refill after
+    a merge is one task, trained alone. Every merge lands and the report counts both."""
+    assert not ray.is_initialized(), "another test left a Ray session open"
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    res = run(tmp_path, "async", runtime="ray", workers=2, mode="async", concurrency=4,
+              rounds=3)
+    rounds = [r for r in records(res) if r["kind"] == "round"]
+    assert res.state.round == 3
+    assert sum(r["clients_succeeded"] for r in rounds) == 12
+    assert not [f for r in rounds for f in r["failures"]]
+    assert "4 of 12 tasks stacked, the others alone" in res.trainer.reason, res.trainer.reason
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "every-time"])
+def test_actor_lost_mid_batch_sends_its_tasks_again_one_by_one(tmp_path, monkeypatch, once):
+    """Clients 0 and 1 go to one actor in one call; it dies (exit 3) on client 0's task before
+    answering either. Both are sent again, each alone: a death that does not recur costs
+    nothing; one that does costs client 0 alone, with the actor's death as its reason. The lost
+    task frames still count in the round's bytes: two more than a clean round, either way."""
+    from tinyfed.faults import FAULT_ENV, ONCE_ENV
+
+    assert not ray.is_initialized(), "another test left a Ray session open"
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    clean = records(run(tmp_path, "clean"))  # in-process: the same bytes as Ray (tested above)
+    monkeypatch.setenv(FAULT_ENV, "exit:0:1")  # Ray's workers inherit the driver's environment
+    if once:
+        monkeypatch.setenv(ONCE_ENV, str(tmp_path))
+    res = run(tmp_path, "ray", runtime="ray", workers=2)
+    r1, r2 = records(res)
+    one_task = clean[0]["bytes_down"] / 4  # four task frames that differ by a digit or two
+    assert abs(r1["bytes_down"] - clean[0]["bytes_down"] - 2 * one_task) < 16
+    if once:
+        assert r1["failures"] == [] and r1["clients_succeeded"] == 4
+        assert r1["bytes_up"] == clean[0]["bytes_up"]
+    else:
+        assert [f["client_id"] for f in r1["failures"]] == [0]
+        assert "ray actor died" in r1["failures"][0]["reason"]
+        assert r1["clients_succeeded"] == 3 and r1["num_examples"] == 3 * 150
+    assert r2["failures"] == [] and r2["bytes_down"] == clean[1]["bytes_down"]
+    assert "tasks stacked" in res.trainer.reason  # the resent tasks trained alone
+
+
+def test_a_batch_past_its_deadline_fails_together(tmp_path, monkeypatch):
+    """Clients 0 and 1 go to one actor in one call, which hangs on client 0: both fail at the
+    deadline (a call shares one, as a process batch does), that actor alone is killed and
+    replaced (client 1 is not sent again, to be killed with another actor), the other actor's
+    call is merged, and the next round is whole."""
+    from tinyfed.faults import FAULT_ENV
+
+    assert not ray.is_initialized(), "another test left a Ray session open"
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    clean = records(run(tmp_path, "clean"))
+    monkeypatch.setenv(FAULT_ENV, "sleep=120:0:1")
+    over = dict(runtime="ray", workers=2, round_timeout=4.0)
+    rt = RayRuntime(small_config(**over))
+    r1, r2 = records(run(tmp_path, "ray", runtime_obj=rt, **over))
+    assert sorted(f["client_id"] for f in r1["failures"]) == [0, 1]
+    assert all(f["reason"] == "deadline: no result within round_timeout=4 s (ray actor killed "
+               "and replaced)" for f in r1["failures"]), r1["failures"]
+    assert r1["clients_succeeded"] == 2 and r2["clients_succeeded"] == 4
+    assert rt.replaced == 1 and r1["bytes_down"] == clean[0]["bytes_down"]  # nothing sent twice
+
+
 @pytest.fixture(scope="module")
 def shared_ray():
     """One local Ray session (2 CPUs) for the tests below; runtimes reuse it and leave it up.

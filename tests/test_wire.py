@@ -47,6 +47,23 @@ def test_corrupt_frames_are_rejected(mutate, message):
         wire.decode_frame(mutate(frame))
 
 
+def test_frames_back_to_back_are_read_one_at_a_time():
+    """A batch's replies come as one buffer: each frame is cut out whole by its own prefix; a
+    buffer that ends inside a frame, or a bad prefix, is refused, naming what is wrong."""
+    a = wire.encode_frame(Kind.UPDATE, {"client_id": 0}, wire.encode_tensors(tensors()))
+    b = wire.encode_frame(Kind.FAILURE, {"reason": "x"})
+    data = a + b
+    assert wire.frame_at(data, 0) == a and wire.frame_at(data, len(a)) == b
+    with pytest.raises(WireError, match=f"truncated frame: {len(b) - 1} bytes of {len(b)}"):
+        wire.frame_at(data[:-1], len(a))
+    with pytest.raises(WireError, match="prefix is 0 bytes"):
+        wire.frame_at(data, len(data))
+    with pytest.raises(WireError, match="magic"):
+        wire.frame_at(data, 1)
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.frame_at(data, 0, max_size=len(a) - 1)
+
+
 def test_oversized_frame_rejected_from_prefix_alone():
     frame = wire.encode_frame(Kind.UPDATE, {}, wire.encode_tensors(tensors()))
     with pytest.raises(WireError, match="exceeds the limit"):

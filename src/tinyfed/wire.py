@@ -285,6 +285,15 @@ class PayloadMemo:
         return self.crc, False
 
 
+def frame_at(data: bytes, offset: int, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
+    """The whole frame that starts at `offset` of frames written back to back (a batch's
+    replies). Raises WireError when its prefix is bad or the data ends before the frame does."""
+    total = frame_length(bytes(data[offset:offset + PREFIX_SIZE]), max_size)
+    if offset + total > len(data):
+        raise WireError(f"truncated frame: {len(data) - offset} bytes of {total} announced")
+    return bytes(data[offset:offset + total])
+
+
 def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME,
                  memo: PayloadMemo | None = None) -> Message:
     """Parse and check a whole frame: size, magic, version, kind, checksum, header, payload.

@@ -35,6 +35,12 @@ def stacking_plan(config, threads: int) -> dict:
             "stacking": config.trainer == "vectorized" or not config.deterministic}
 
 
+def deal(items: list, parts: int) -> list[list]:
+    """`items` as `parts` consecutive runs, in order, sizes within one of each other: a batch
+    of submitted jobs dealt out to workers."""
+    return [items[len(items) * i // parts: len(items) * (i + 1) // parts] for i in range(parts)]
+
+
 @dataclass(eq=False)
 class Job:
     """One task in flight: the dispatcher's id and deadline, what a transport moves."""

@@ -47,6 +47,7 @@ from tinyfed.runtimes.base import (
     Job,
     Stopped,
     answer,
+    deal,
     stacking_plan,
 )
 from tinyfed.runtimes.forking import Forked, can_fork, fork_child
@@ -316,9 +317,8 @@ class ProcessRuntime:
         parts = min(len(jobs), self.workers)
         if parts and len(jobs) > parts * self.config.clients:  # a child takes at most that many
             parts = -(-len(jobs) // self.config.clients)
-        for i in range(parts):
-            lo, hi = len(jobs) * i // parts, len(jobs) * (i + 1) // parts
-            self.jobs.put(jobs[lo:hi])
+        for batch in deal(jobs, parts):
+            self.jobs.put(batch)
 
     def _launch(self, num: int) -> Child:
         # the examples are opened through /proc/<our pid>/fd; a fork only while nothing else

@@ -7,6 +7,15 @@ that round); each actor call builds the task frame from the task header and that
 returns the update frame's bytes, so bytes are counted exactly as in the other runtimes.
 Arguments and results crossing Ray are only `str` (JSON) and `bytes` (frames, safetensors).
 
+When the trainer choice stacks clients (`trainers.choose` on an actor's threads: the 2NN at a
+small batch, unless `deterministic`; or `trainer = "vectorized"`), the jobs submitted together
+go out as one call per actor (`ClientActor.run_many`: their headers, each distinct payload once)
+and each actor trains its batch as stacked computations, as the process runtime's children do;
+the reply is the update frames back to back, then a BATCH frame saying how they trained. An
+actor lost mid-batch fails its task when it had one; with several, nobody is blamed and each is
+sent again on its own (the bytes already sent still count), so a task that kills its actor
+again then fails alone.
+
 Ray is started (and shut down at `close`) only when no cluster address is given; attaching to a
 cluster with `ray_address` only disconnects from it at the end.
 """
@@ -22,15 +31,25 @@ import shutil
 import socket
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
 from tinyfed import protocol, wire
-from tinyfed.errors import ConfigError, TinyfedError
+from tinyfed.errors import ConfigError, TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask
-from tinyfed.runtimes.base import STARTUP_TIMEOUT, Delivery, Job, Stopped, answer
+from tinyfed.runtimes.base import (
+    GRACE,
+    STARTUP_TIMEOUT,
+    Delivery,
+    Job,
+    Stopped,
+    answer,
+    deal,
+    stacking_plan,
+)
+from tinyfed.trainers import choose
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster address to answer before giving up
 INSTALL_HINT = 'pip install "tinyfed[ray]"'
@@ -71,18 +90,36 @@ class ClientActor:
         frame = wire.encode_frame(wire.Kind.TASK, json.loads(header_json), payload)
         return self.worker.handle(frame)
 
+    def run_many(self, tasks_json: str, *payloads: bytes) -> bytes:
+        """Several tasks ([header, index of its payload] pairs; each distinct payload passed
+        once) trained together (`ClientWorker.handle_many`: stacked where that pays); their
+        reply frames back to back, then a BATCH frame with how many trained stacked and alone."""
+        before = Counter(self.worker.tally)
+        frames = [wire.encode_frame(wire.Kind.TASK, header, payloads[i])
+                  for header, i in json.loads(tasks_json)]
+        replies = self.worker.handle_many(frames)
+        counts = {k: self.worker.tally[k] - before[k] for k in ("stacked", "alone")}
+        return b"".join(replies) + wire.encode_frame(wire.Kind.BATCH, counts)
+
 
 @dataclass
 class _Job:
     job: Job
-    header_json: str
+    header: dict
     payload_ref: Any
     frame_len: int
-    slot: int = -1
 
     @property
     def task(self) -> ClientTask:
         return self.job.task
+
+
+@dataclass
+class _Call:
+    """One actor call in flight: the jobs it carries, in order, and the actor's slot."""
+
+    jobs: list[_Job]
+    slot: int
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -125,8 +162,14 @@ class RayRuntime:
         self.actor_cls = None
         self.actors: list[Any] = []
         self.idle: deque[int] = deque()
-        self.queue: deque[_Job] = deque()
-        self.running: dict[Any, _Job] = {}
+        self.queue: deque[list[_Job]] = deque()  # calls waiting for an idle actor
+        self.running: dict[Any, _Call] = {}
+        self.arrived: deque[Delivery] = deque()  # a batch's results not yet handed out
+        self.stacks = False  # send the jobs submitted together as one call per actor
+        self.outbox: list[_Job] = []  # stacking: jobs submitted since the last receive()
+        self.spent: Counter[int] = Counter()  # bytes sent for a job in a call since lost
+        self.held: dict[int, Stopped] = {}  # jobs whose call was killed at a deadline they share
+        self.tally: Counter[str] = Counter()  # tasks the actors trained stacked and alone
         self._payload: bytes | None = None
         self._payload_digest = b""
         self._payload_ref = None
@@ -178,14 +221,27 @@ class RayRuntime:
                               f"{free:g} free CPUs (of {total:g})")
         return max(1, min(int(free // cfg.cpus_per_client), cfg.clients))
 
+    def actor_threads(self, config=None) -> int:
+        cfg = config or self.config
+        return 1 if cfg.deterministic else max(1, int(cfg.cpus_per_client))
+
     def spawn(self):
         cfg = self.config
-        threads = 1 if cfg.deterministic else max(1, int(cfg.cpus_per_client))
         return self.actor_cls.options(num_cpus=cfg.cpus_per_client, max_restarts=0,
-                                      max_concurrency=1).remote(cfg.model_dump_json(), threads)
+                                      max_concurrency=1).remote(cfg.model_dump_json(),
+                                                                self.actor_threads())
+
+    def stacking(self, config) -> dict:
+        """What `trainers.choose` needs to know of this runtime: it hands each actor several
+        clients at once, on the actor's threads (`base.stacking_plan`)."""
+        return stacking_plan(config, self.actor_threads(config))
 
     def start(self, experiment: Experiment) -> None:
         t0 = time.monotonic()
+        cfg = experiment.config
+        self.config = cfg
+        self.stacks = choose(experiment.new_model(), cfg.trainer, cfg.optimizer,
+                             **self.stacking(cfg)).stacks
         self.connect()
         self.actor_cls = self.ray.remote(ClientActor)
         n = self.pool_size()
@@ -238,78 +294,166 @@ class RayRuntime:
 
     def send(self, job: Job) -> None:
         assert self.actors, "start() first"
-        header_json = json.dumps(job.task.header())
+        header = job.task.header()
         # frame = prefix + header + payload: its length without building it on the driver
         frame_len = len(protocol.task_frame(job.task, b"")) + len(job.payload)
-        self.queue.append(_Job(job, header_json, self.payload_ref(job.payload), frame_len))
-        self.dispatch()
+        item = _Job(job, header, self.payload_ref(job.payload), frame_len)
+        if self.stacks:
+            self.outbox.append(item)  # dealt out at the next receive()
+        else:
+            self.queue.append([item])
+            self.dispatch()
+
+    def deal(self) -> None:
+        """Stacking: the jobs submitted since the last call, as one call per actor (in submit
+        order, sizes within one of each other)."""
+        jobs, self.outbox = self.outbox, []
+        self.queue.extend(deal(jobs, min(len(jobs), len(self.actors))))
 
     def dispatch(self) -> None:
-        """Hand queued tasks to idle actors, any actor to any client (a client's memory rides
+        """Hand queued calls to idle actors, any actor to any client (a client's memory rides
         with its task)."""
         while self.queue and self.idle:
-            job = self.queue.popleft()
-            job.slot = self.idle.popleft()
-            ref = self.actors[job.slot].run.remote(job.header_json, job.payload_ref)
-            self.running[ref] = job
+            jobs, slot = self.queue.popleft(), self.idle.popleft()
+            actor = self.actors[slot]
+            if self.stacks:
+                refs: dict[int, int] = {}  # each distinct payload object goes once
+                payloads = []
+                for j in jobs:
+                    if id(j.payload_ref) not in refs:
+                        refs[id(j.payload_ref)] = len(payloads)
+                        payloads.append(j.payload_ref)
+                tasks = json.dumps([[j.header, refs[id(j.payload_ref)]] for j in jobs])
+                ref = actor.run_many.remote(tasks, *payloads)
+            else:
+                ref = actor.run.remote(json.dumps(jobs[0].header), jobs[0].payload_ref)
+            self.running[ref] = _Call(jobs, slot)
 
     def receive(self, timeout: float) -> Delivery | None:
-        """The next finished call's result, dispatching queued jobs to idle actors first."""
+        """The next finished result, dispatching queued jobs to idle actors first."""
+        self.deal()
         self.dispatch()
-        if not self.running:
-            return None
-        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
-        if not ready:
-            return None
-        item = self.running[ready[0]]
-        result = self.collect(ready[0])
-        self.dispatch()  # keep actors busy while the server aggregates
-        return Delivery(item.job, result)
+        if not self.arrived and self.running:
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
+            if ready:
+                self.collect(ready[0])
+                self.dispatch()  # keep actors busy while the server aggregates
+        return self.arrived.popleft() if self.arrived else None
 
     def waiting(self) -> int:
         if not self.running:
-            return 0
+            return len(self.arrived)
         ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
-        return len(ready)
+        return len(self.arrived) + sum(len(self.running[r].jobs) for r in ready)
 
-    def collect(self, ref) -> ClientResult:
+    def collect(self, ref) -> None:
+        """A finished call's results into `arrived` (or its jobs queued again, if its actor was
+        lost with several of them)."""
         ray = self.ray
-        job = self.running.pop(ref)
+        call = self.running.pop(ref)
         try:
             reply = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self.replace(job.slot, kill=False)
-            self.idle.append(job.slot)
-            return ClientResult.failure(job.task, f"ray actor died: {short_error(exc)}",
-                                        bytes_down=job.frame_len)
+            self.lost(call, f"ray actor died: {short_error(exc)}", kill=False)
+            return
         except ray.exceptions.RayError as exc:  # worker crash, lost object, task error
-            self.replace(job.slot, kill=True)
-            self.idle.append(job.slot)
-            return ClientResult.failure(job.task, f"ray task failed: {short_error(exc)}",
-                                        bytes_down=job.frame_len)
-        self.idle.append(job.slot)
+            self.lost(call, f"ray task failed: {short_error(exc)}", kill=True)
+            return
+        self.idle.append(call.slot)
         if not isinstance(reply, bytes):
-            return ClientResult.failure(job.task, f"actor returned {type(reply).__name__}, "
-                                        "not frame bytes", bytes_down=job.frame_len)
-        return answer(job.job, reply, job.frame_len)
+            for j in call.jobs:
+                self.deliver(j, ClientResult.failure(
+                    j.task, f"actor returned {type(reply).__name__}, not frame bytes",
+                    bytes_down=j.frame_len))
+            return
+        if not self.stacks:
+            self.deliver(call.jobs[0], answer(call.jobs[0].job, reply, call.jobs[0].frame_len))
+            return
+        at = 0
+        for n, j in enumerate(call.jobs):
+            try:
+                frame = wire.frame_at(reply, at, j.job.expect.max_frame)
+            except WireError as exc:  # its reply is cut or broken: it fails, the rest go again
+                self.deliver(j, ClientResult.failure(
+                    j.task, f"ray actor sent a malformed frame: {exc}", bytes_down=j.frame_len,
+                    bytes_up=len(reply) - at))
+                self.again(call.jobs[n + 1:])
+                return
+            at += len(frame)
+            self.deliver(j, answer(j.job, frame, j.frame_len))
+        self.count(reply[at:])
 
-    def cancel(self, job: Job) -> Stopped:
-        """A due job: a running one's actor is killed and replaced, a queued one never starts.
-        Other jobs, running or queued, are untouched."""
-        for ref, item in list(self.running.items()):
-            if item.job is job:
+    def count(self, frame: bytes) -> None:
+        """Add a call's BATCH frame (tasks trained stacked and alone) to the tally; a missing
+        or malformed one only goes uncounted (every result was already read)."""
+        try:
+            msg = wire.decode_frame(frame)
+        except WireError:
+            return
+        counts = {k: msg.header.get(k) for k in ("stacked", "alone")}
+        if msg.kind == wire.Kind.BATCH and all(type(v) is int and v >= 0
+                                               for v in counts.values()):
+            self.tally.update(counts)
+
+    def deliver(self, item: _Job, result: ClientResult) -> None:
+        result.bytes_down += self.spent.pop(item.job.id, 0)
+        self.arrived.append(Delivery(item.job, result))
+
+    def lost(self, call: _Call, reason: str, kill: bool) -> None:
+        """The actor of a call is gone (replaced here). Its only job fails with the reason;
+        several are sent again, one by one: which of them broke it is not known."""
+        self.replace(call.slot, kill=kill)
+        self.idle.append(call.slot)
+        if len(call.jobs) == 1:
+            j = call.jobs[0]
+            self.deliver(j, ClientResult.failure(j.task, reason, bytes_down=j.frame_len))
+        else:
+            self.again(call.jobs)
+
+    def again(self, jobs: list[_Job]) -> None:
+        """Queue jobs of a lost call again, each alone; what was sent for them still counts."""
+        for j in jobs:
+            self.spent[j.job.id] += j.frame_len
+            self.queue.append([j])
+
+    def cancel(self, job: Job) -> Stopped | None:
+        """A due job: a running one's actor is killed and replaced, a queued one never starts;
+        None if its result is waiting. The other jobs of a killed call share its deadline (due
+        within `GRACE` of it: submitted together) and fail with it when theirs comes; any due
+        later are sent again, one by one. Other calls, running or queued, are untouched."""
+        if any(d.job is job for d in self.arrived):
+            return None
+        if job.id in self.held:
+            return self.held.pop(job.id)
+        earlier = self.spent.pop(job.id, 0)
+        for ref, call in list(self.running.items()):
+            if any(j.job is job for j in call.jobs):
                 del self.running[ref]
-                self.replace(item.slot, kill=True)
-                self.idle.append(item.slot)
-                return Stopped("ray actor killed and replaced", bytes_down=item.frame_len)
-        for item in [i for i in self.queue if i.job is job]:
-            self.queue.remove(item)
+                self.replace(call.slot, kill=True)
+                self.idle.append(call.slot)
+                how = "ray actor killed and replaced"
+                for j in call.jobs:
+                    if j.job is not job and j.job.due <= job.due + GRACE:
+                        self.held[j.job.id] = Stopped(how, self.spent.pop(j.job.id, 0)
+                                                      + j.frame_len)
+                    elif j.job is not job:
+                        self.again([j])
+                mine = next(j for j in call.jobs if j.job is job)
+                return Stopped(how, bytes_down=earlier + mine.frame_len)
+        self.outbox = [j for j in self.outbox if j.job is not job]
+        kept = [[j for j in jobs if j.job is not job] for jobs in self.queue]
+        self.queue = deque(jobs for jobs in kept if jobs)
+        if earlier:
+            return Stopped("its ray actor was lost; waiting to be sent again", bytes_down=earlier)
         return Stopped("never handed to an actor", started=False)
 
     def close(self) -> None:
         ray = self.ray
         self.queue.clear()
         self.running.clear()
+        self.arrived.clear()
+        self.held.clear()
+        self.outbox = []
         if ray.is_initialized():
             for actor in self.actors:
                 try:
