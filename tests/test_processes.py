@@ -23,6 +23,7 @@ import torch
 
 from tests.conftest import needs_fmnist, small_config
 from tinyfed.runner import execute, open_run
+from tinyfed.runtimes.processes import ProcessRuntime
 from tinyfed.server import RoundFailed
 
 
@@ -50,10 +51,10 @@ def no_leftover_processes():
     assert not left, f"processes left behind: {sorted(left)}"
 
 
-def run(tmp_path: Path, name: str, **over):
+def run(tmp_path: Path, name: str, runtime_obj=None, **over):
     cfg = small_config(out=str(tmp_path / name), **over)
     run_dir, cfg = open_run(cfg, None, {})
-    return execute(cfg, run_dir, live=False, stream=io.StringIO())
+    return execute(cfg, run_dir, live=False, stream=io.StringIO(), runtime=runtime_obj)
 
 
 def records(result) -> list[dict]:
@@ -171,16 +172,21 @@ def test_bad_reply_fails_the_task_only(tmp_path, monkeypatch, mode, why):
 @pytest.mark.parametrize("trainer,failed", [("fused", [0]), ("vectorized", [0, 1])])
 def test_hang_past_the_deadline(tmp_path, monkeypatch, trainer, failed):
     """One task at a time, only the hung task fails; stacking, its batch shares the deadline
-    (clients 0 and 1 went to one child together), and the other child's batch is served."""
+    (clients 0 and 1 went to one child together), and the other child's batch is served. The
+    batch's other task is not sent again to a second child (the deadline would kill that one
+    too): the round's bytes are its four task frames, one child is replaced."""
     fault_env(monkeypatch, tmp_path, "hang:0:1")
+    rt = ProcessRuntime(small_config(runtime="processes", workers=2, trainer=trainer))
     result = run(tmp_path, "procs", runtime="processes", workers=2, rounds=2, round_timeout=4.0,
-                 trainer=trainer)
+                 trainer=trainer, runtime_obj=rt)
     r1, r2 = records(result)
     assert [f["client_id"] for f in r1["failures"]] == failed
     assert all(f["reason"] == "deadline: no result within round_timeout=4 s (child killed)"
                for f in r1["failures"])
     assert r1["clients_succeeded"] == 4 - len(failed)
     assert r2["clients_succeeded"] == 4
+    assert abs(r1["bytes_down"] - r2["bytes_down"]) < 16  # frames differ by a digit or two
+    assert len(rt.spawned) == 3  # two children, and one in place of the killed one
 
 
 def test_round_below_min_clients_is_retried_then_stops(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
 from tinyfed.runtimes.base import (
+    GRACE,
     STARTUP_TIMEOUT,
     Delivery,
     Job,
@@ -185,7 +186,9 @@ class ProcessRuntime:
         self.jobs: queue.Queue = queue.Queue()
         self.slots = [Slot(i, self.jobs) for i in range(self.workers)]
         self.done: queue.Queue[Delivery] = queue.Queue()
-        self.live: set[int] = set()  # ids of jobs sent and not cancelled
+        self.live: dict[int, Job] = {}  # jobs sent and not cancelled, by id
+        # jobs whose batch was killed at a deadline they share -> bytes of theirs it was sent
+        self.held: dict[int, int] = {}
         self.lock = threading.Lock()
         self.crc = wire.CrcMemo()  # send() is called from the server loop only
         self.closing = False
@@ -228,7 +231,7 @@ class ProcessRuntime:
     def send(self, job: Job) -> None:
         frame = protocol.task_frame(job.task, job.payload, self.crc(job.payload))
         with self.lock:
-            self.live.add(job.id)
+            self.live[job.id] = job
         if self.stacks:
             self.outbox.append((job, frame))  # dealt out at the next receive()
         else:
@@ -245,9 +248,14 @@ class ProcessRuntime:
         return self.done.qsize()
 
     def cancel(self, job: Job) -> Stopped:
-        """A due job: never started (the listener will skip it), or its child is killed."""
+        """A due job: never started (the listener will skip it), or its child is killed. The
+        other jobs of a killed batch share its deadline (due within `GRACE` of it: submitted
+        together) and fail with it when theirs comes, not sent to a second child that the
+        deadline would kill too; any due later are sent again, one by one."""
         with self.lock:
-            self.live.discard(job.id)
+            if job.id in self.held:
+                return Stopped("child killed", self.spent.pop(job.id, 0) + self.held.pop(job.id))
+            self.live.pop(job.id, None)
             earlier = self.spent.pop(job.id, 0)
         self.outbox = [(j, f) for j, f in self.outbox if j is not job]
         sent = None
@@ -255,6 +263,12 @@ class ProcessRuntime:
             with slot.lock:
                 if job.id in slot.current and slot.child is not None:
                     sent = slot.current[job.id]
+                    with self.lock:
+                        for other, written in slot.current.items():
+                            mate = self.live.get(other)
+                            if mate is not None and mate.due <= job.due + GRACE:
+                                del self.live[other]
+                                self.held[other] = written
                     slot.doomed = True
                     slot.child.kill()
         if sent is None:
@@ -268,6 +282,7 @@ class ProcessRuntime:
         self.closing = True
         with self.lock:
             self.live.clear()
+            self.held.clear()
         self.outbox = []
         for slot in self.slots:
             with slot.lock:  # a child mid-task works for nobody now: stop it at once
@@ -352,7 +367,8 @@ class ProcessRuntime:
 
     def _deliver(self, job: Job, result: ClientResult) -> None:
         with self.lock:
-            self.live.discard(job.id)
+            self.live.pop(job.id, None)
+            self.held.pop(job.id, None)  # its reply came before its child was killed
             result.bytes_down += self.spent.pop(job.id, 0)
         self.done.put(Delivery(job, result))
 
@@ -427,10 +443,16 @@ class ProcessRuntime:
         job it broke on fails with the reason: the one whose reply was bad (`culprit`), or
         the only one unanswered; the others (all, when the child died between replies with
         several unanswered) go to a live child again, one by one, so a task that kills its
-        child again is then the only one lost."""
+        child again is then the only one lost. Jobs held to fail with a deadline that killed
+        the child (`cancel`) are left to it, with the bytes finally written for them."""
         code = child.reap()
         sent = dict(slot.current)
         reason = f"child {slot.num} (pid {child.pid}) {what} ({describe_exit(code)})"
+        with self.lock:
+            for j, _ in unanswered:
+                if j.id in self.held:
+                    self.held[j.id] = sent[j.id]
+            unanswered = [(j, f) for j, f in unanswered if j.id not in self.held]
         if not unanswered:  # it broke after every reply, in the BATCH frame: nothing lost
             return
         rest = unanswered
