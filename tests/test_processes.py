@@ -136,13 +136,15 @@ def run_and_kill(tmp_path: Path, mark: Path, **over):
 
 @pytest.mark.parametrize("respawn", [True, False], ids=["respawn", "no-respawn"])
 def test_child_sigkilled_mid_round(tmp_path, monkeypatch, respawn):
-    mark = fault_env(monkeypatch, tmp_path, "hang:1:1")
+    # client 3 is the last task of its child's batch (clients 1 and 3: equal shards are dealt
+    # alternately), so when the child is killed it is the only task unanswered: it fails
+    mark = fault_env(monkeypatch, tmp_path, "hang:3:1")
     result, killed = run_and_kill(tmp_path, mark, runtime="processes", workers=2, rounds=2,
                                   respawn=respawn, codec="delta")
     assert killed is not None
     r1, r2 = records(result)
     first = r1["failures"][0]
-    assert first["client_id"] == 1
+    assert first["client_id"] == 3
     assert f"pid {killed}" in first["reason"] and "killed by SIGKILL" in first["reason"]
     assert "EOF" in first["reason"]
     # only the killed task fails; the other clients are served (by the surviving child alone
@@ -169,10 +171,11 @@ def test_bad_reply_fails_the_task_only(tmp_path, monkeypatch, mode, why):
     assert r2["clients_succeeded"] == 4
 
 
-@pytest.mark.parametrize("trainer,failed", [("fused", [0]), ("vectorized", [0, 1])])
+@pytest.mark.parametrize("trainer,failed", [("fused", [0]), ("vectorized", [0, 2])])
 def test_hang_past_the_deadline(tmp_path, monkeypatch, trainer, failed):
     """One task at a time, only the hung task fails; stacking, its batch shares the deadline
-    (clients 0 and 1 went to one child together), and the other child's batch is served. The
+    (clients 0 and 2 went to one child together: equal shards are dealt alternately), and the
+    other child's batch is served. The
     batch's other task is not sent again to a second child (the deadline would kill that one
     too): the round's bytes are its four task frames, one child is replaced."""
     fault_env(monkeypatch, tmp_path, "hang:0:1")
@@ -224,10 +227,10 @@ def test_async_children_stack_what_is_submitted_together(tmp_path):
 
 @pytest.mark.parametrize("once", [True, False], ids=["once", "every-time"])
 def test_child_lost_mid_batch_resends_its_tasks_one_by_one(tmp_path, monkeypatch, once):
-    """Clients 0 and 1 go to one child as a batch; it dies (exit 3) on client 0's task before
-    answering either. Both are sent again, one by one: a death that does not recur costs
-    nothing; one that does costs client 0 alone. The lost task frames still count in the
-    round's bytes: two more than a clean round, either way."""
+    """Clients 0 and 2 go to one child as a batch (equal shards are dealt alternately); it dies
+    (exit 3) on client 0's task before answering either. Both are sent again, one by one: a
+    death that does not recur costs nothing; one that does costs client 0 alone. The lost
+    task frames still count in the round's bytes: two more than a clean round, either way."""
     from tinyfed.faults import FAULT_ENV, ONCE_ENV
 
     clean = records(run(tmp_path, "clean", rounds=2))

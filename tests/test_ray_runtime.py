@@ -303,10 +303,11 @@ def test_async_actors_stack_what_is_submitted_together(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("once", [True, False], ids=["once", "every-time"])
 def test_actor_lost_mid_batch_sends_its_tasks_again_one_by_one(tmp_path, monkeypatch, once):
-    """Clients 0 and 1 go to one actor in one call; it dies (exit 3) on client 0's task before
-    answering either. Both are sent again, each alone: a death that does not recur costs
-    nothing; one that does costs client 0 alone, with the actor's death as its reason. The lost
-    task frames still count in the round's bytes: two more than a clean round, either way."""
+    """Clients 0 and 2 go to one actor in one call (equal shards are dealt alternately); it dies
+    (exit 3) on client 0's task before answering either. Both are sent again, each alone: a
+    death that does not recur costs nothing; one that does costs client 0 alone, with the
+    actor's death as its reason. The lost task frames still count in the round's bytes: two
+    more than a clean round, either way."""
     from tinyfed.faults import FAULT_ENV, ONCE_ENV
 
     assert not ray.is_initialized(), "another test left a Ray session open"
@@ -331,10 +332,10 @@ def test_actor_lost_mid_batch_sends_its_tasks_again_one_by_one(tmp_path, monkeyp
 
 
 def test_a_batch_past_its_deadline_fails_together(tmp_path, monkeypatch):
-    """Clients 0 and 1 go to one actor in one call, which hangs on client 0: both fail at the
-    deadline (a call shares one, as a process batch does), that actor alone is killed and
-    replaced (client 1 is not sent again, to be killed with another actor), the other actor's
-    call is merged, and the next round is whole."""
+    """Clients 0 and 2 go to one actor in one call (equal shards are dealt alternately), which
+    hangs on client 0: both fail at the deadline (a call shares one, as a process batch does),
+    that actor alone is killed and replaced (client 2 is not sent again, to be killed with
+    another actor), the other actor's call is merged, and the next round is whole."""
     from tinyfed.faults import FAULT_ENV
 
     assert not ray.is_initialized(), "another test left a Ray session open"
@@ -344,7 +345,7 @@ def test_a_batch_past_its_deadline_fails_together(tmp_path, monkeypatch):
     over = dict(runtime="ray", workers=2, round_timeout=4.0)
     rt = RayRuntime(small_config(**over))
     r1, r2 = records(run(tmp_path, "ray", runtime_obj=rt, **over))
-    assert sorted(f["client_id"] for f in r1["failures"]) == [0, 1]
+    assert sorted(f["client_id"] for f in r1["failures"]) == [0, 2]
     assert all(f["reason"] == "deadline: no result within round_timeout=4 s (ray actor killed "
                "and replaced)" for f in r1["failures"]), r1["failures"]
     assert r1["clients_succeeded"] == 2 and r2["clients_succeeded"] == 4

@@ -50,6 +50,7 @@ from tinyfed.runtimes.base import (
     answer,
     deal,
     stacking_plan,
+    work,
 )
 from tinyfed.runtimes.forking import Forked, can_fork, fork_child
 from tinyfed.trainers import choose
@@ -327,13 +328,14 @@ class ProcessRuntime:
 
     def _deal(self) -> None:
         """Stacking: the jobs submitted since the last call, dealt out as one batch per
-        worker (in submit order, sizes within one of each other)."""
+        worker, by their work (`base.deal`)."""
         jobs, self.outbox = self.outbox, []
         parts = min(len(jobs), self.workers)
         if parts and len(jobs) > parts * self.config.clients:  # a child takes at most that many
             parts = -(-len(jobs) // self.config.clients)
-        for batch in deal(jobs, parts):
-            self.jobs.put(batch)
+        for batch in deal(jobs, parts, lambda item: work(item[0]), most=self.config.clients):
+            if batch:
+                self.jobs.put(batch)
 
     def _launch(self, num: int) -> Child:
         # the examples are opened through /proc/<our pid>/fd; a fork only while nothing else

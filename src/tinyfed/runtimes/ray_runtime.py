@@ -48,6 +48,7 @@ from tinyfed.runtimes.base import (
     answer,
     deal,
     stacking_plan,
+    work,
 )
 from tinyfed.trainers import choose
 
@@ -305,10 +306,10 @@ class RayRuntime:
             self.dispatch()
 
     def deal(self) -> None:
-        """Stacking: the jobs submitted since the last call, as one call per actor (in submit
-        order, sizes within one of each other)."""
+        """Stacking: the jobs submitted since the last call, as one call per actor, dealt out
+        by their work (`base.deal`)."""
         jobs, self.outbox = self.outbox, []
-        self.queue.extend(deal(jobs, min(len(jobs), len(self.actors))))
+        self.queue.extend(deal(jobs, min(len(jobs), len(self.actors)), lambda j: work(j.job)))
 
     def dispatch(self) -> None:
         """Hand queued calls to idle actors, any actor to any client (a client's memory rides
