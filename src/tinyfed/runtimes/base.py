@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from tinyfed import protocol
+from tinyfed import protocol, wire
+from tinyfed.errors import WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask, Expectation
 
@@ -53,6 +54,17 @@ def answer(job: Job, reply: bytes, sent: int) -> ClientResult:
     result = protocol.read_update(reply, job.expect)
     result.bytes_down = sent
     return result
+
+
+def batch_counts(frame: bytes) -> dict[str, int]:
+    """The tally a worker's BATCH reply carries (tasks it trained stacked and alone). Raises
+    WireError for anything else."""
+    msg = wire.decode_frame(frame)
+    counts = {k: msg.header.get(k) for k in ("stacked", "alone")}
+    if msg.kind != wire.Kind.BATCH or any(type(v) is not int or v < 0 for v in counts.values()):
+        raise WireError(f"expected a BATCH frame with task counts, got {msg.kind.name} "
+                        f"{msg.header}"[:200])
+    return counts
 
 
 def work(job: Job) -> int:

@@ -48,6 +48,7 @@ from tinyfed.runtimes.base import (
     Job,
     Stopped,
     answer,
+    batch_counts,
     deal,
     stacking_plan,
     work,
@@ -430,12 +431,7 @@ class ProcessRuntime:
 
     def _count(self, frame: bytes) -> None:
         """Add a batch's BATCH reply (tasks trained stacked and alone) to the tally."""
-        msg = wire.decode_frame(frame)
-        counts = {k: msg.header.get(k) for k in ("stacked", "alone")}
-        if msg.kind != wire.Kind.BATCH or any(type(v) is not int or v < 0
-                                              for v in counts.values()):
-            raise WireError(f"expected a BATCH frame with task counts, got {msg.kind.name} "
-                            f"{msg.header}"[:200])
+        counts = batch_counts(frame)
         with self.lock:
             self.tally.update(counts)
 

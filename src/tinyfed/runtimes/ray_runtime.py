@@ -46,6 +46,7 @@ from tinyfed.runtimes.base import (
     Job,
     Stopped,
     answer,
+    batch_counts,
     deal,
     stacking_plan,
     work,
@@ -388,13 +389,9 @@ class RayRuntime:
         """Add a call's BATCH frame (tasks trained stacked and alone) to the tally; a missing
         or malformed one only goes uncounted (every result was already read)."""
         try:
-            msg = wire.decode_frame(frame)
+            self.tally.update(batch_counts(frame))
         except WireError:
-            return
-        counts = {k: msg.header.get(k) for k in ("stacked", "alone")}
-        if msg.kind == wire.Kind.BATCH and all(type(v) is int and v >= 0
-                                               for v in counts.values()):
-            self.tally.update(counts)
+            pass
 
     def deliver(self, item: _Job, result: ClientResult) -> None:
         result.bytes_down += self.spent.pop(item.job.id, 0)
