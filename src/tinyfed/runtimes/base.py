@@ -12,7 +12,7 @@ synchronous rounds or asynchronous merging.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -54,6 +54,19 @@ def answer(job: Job, reply: bytes, sent: int) -> ClientResult:
     result = protocol.read_update(reply, job.expect)
     result.bytes_down = sent
     return result
+
+
+def batch_frame(before: Mapping[str, int], after: Mapping[str, int]) -> bytes:
+    """A worker's BATCH reply after a batch: the tasks it trained stacked and alone meanwhile
+    (the difference of its tally `before` and `after`), for the run's report."""
+    return wire.encode_frame(wire.Kind.BATCH, {k: after.get(k, 0) - before.get(k, 0)
+                                               for k in ("stacked", "alone")})
+
+
+def shares_deadline(other: Job, due: Job) -> bool:
+    """Whether `other`, in the batch of a job killed at its deadline, fails with it: due within
+    `GRACE` of it (submitted together); one due later is sent again instead."""
+    return other is not due and other.due <= due.due + GRACE
 
 
 def batch_counts(frame: bytes) -> dict[str, int]:

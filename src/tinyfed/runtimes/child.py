@@ -160,8 +160,8 @@ def serve_batch(read_fd: int, write_fd: int, worker, count: int) -> None:
     that can be), write their replies in order, then a BATCH frame with how they trained. Under
     the test hook the tasks run one by one, each reply written before the next task starts, so
     a fault acts on its own task exactly as outside a batch."""
-    from tinyfed import wire
     from tinyfed.runtimes import pipeio
+    from tinyfed.runtimes.base import batch_frame
 
     frames = [pipeio.read_frame(read_fd, worker.max_frame) for _ in range(count)]
     before = dict(worker.tally)
@@ -170,8 +170,7 @@ def serve_batch(read_fd: int, write_fd: int, worker, count: int) -> None:
             reply_to(frame, write_fd, worker)
     else:
         pipeio.write_all(write_fd, b"".join(worker.handle_many(frames)))
-    trained = {k: worker.tally[k] - before.get(k, 0) for k in ("stacked", "alone")}
-    pipeio.write_all(write_fd, wire.encode_frame(wire.Kind.BATCH, trained))
+    pipeio.write_all(write_fd, batch_frame(before, worker.tally))
 
 
 def main(argv: list[str]) -> int:

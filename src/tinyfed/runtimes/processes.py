@@ -42,7 +42,6 @@ from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult
 from tinyfed.runtimes import pipeio
 from tinyfed.runtimes.base import (
-    GRACE,
     STARTUP_TIMEOUT,
     Delivery,
     Job,
@@ -50,6 +49,7 @@ from tinyfed.runtimes.base import (
     answer,
     batch_counts,
     deal,
+    shares_deadline,
     stacking_plan,
     work,
 )
@@ -268,7 +268,7 @@ class ProcessRuntime:
                     with self.lock:
                         for other, written in slot.current.items():
                             mate = self.live.get(other)
-                            if mate is not None and mate.due <= job.due + GRACE:
+                            if mate is not None and shares_deadline(mate, job):
                                 del self.live[other]
                                 self.held[other] = written
                     slot.doomed = True

@@ -40,14 +40,15 @@ from tinyfed.errors import ConfigError, TinyfedError, WireError
 from tinyfed.experiment import Experiment
 from tinyfed.protocol import ClientResult, ClientTask
 from tinyfed.runtimes.base import (
-    GRACE,
     STARTUP_TIMEOUT,
     Delivery,
     Job,
     Stopped,
     answer,
     batch_counts,
+    batch_frame,
     deal,
+    shares_deadline,
     stacking_plan,
     work,
 )
@@ -96,12 +97,11 @@ class ClientActor:
         """Several tasks ([header, index of its payload] pairs; each distinct payload passed
         once) trained together (`ClientWorker.handle_many`: stacked where that pays); their
         reply frames back to back, then a BATCH frame with how many trained stacked and alone."""
-        before = Counter(self.worker.tally)
+        before = dict(self.worker.tally)
         frames = [wire.encode_frame(wire.Kind.TASK, header, payloads[i])
                   for header, i in json.loads(tasks_json)]
         replies = self.worker.handle_many(frames)
-        counts = {k: self.worker.tally[k] - before[k] for k in ("stacked", "alone")}
-        return b"".join(replies) + wire.encode_frame(wire.Kind.BATCH, counts)
+        return b"".join(replies) + batch_frame(before, self.worker.tally)
 
 
 @dataclass
@@ -431,7 +431,7 @@ class RayRuntime:
                 self.idle.append(call.slot)
                 how = "ray actor killed and replaced"
                 for j in call.jobs:
-                    if j.job is not job and j.job.due <= job.due + GRACE:
+                    if shares_deadline(j.job, job):
                         self.held[j.job.id] = Stopped(how, self.spent.pop(j.job.id, 0)
                                                       + j.frame_len)
                     elif j.job is not job:
